@@ -1,0 +1,56 @@
+"""Write toy-task preference pairs to a JSONL file, from the generator or sampled from a policy.
+
+    python make_toy_pairs.py --output_file pairs.jsonl --num_pairs 2000                       # generator
+    python make_toy_pairs.py --output_file pairs.jsonl --model_name_or_path outputs/sft       # policy samples
+
+The file then feeds any script through --dataset_name pairs.jsonl.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from utils import toy_task
+from utils.modeling import ModelArguments, load_model, load_tokenizer
+from utils.cli import parse_args
+
+logger = logging.getLogger("make_toy_pairs")
+
+
+@dataclass
+class PairArguments:
+    output_file: str = field(default="outputs/toy_pairs.jsonl", metadata={"help": "JSONL file to write."})
+    source: str = field(default="generator", metadata={"help": "generator, or policy (--model_name_or_path).",
+                                                      "choices": ["generator", "policy"]})
+    num_pairs: int = field(default=2000, metadata={"help": "Pairs (generator) or prompts (policy) to make."})
+    labeling: str = field(default="deterministic", metadata={"choices": ["deterministic", "bradley_terry"]})
+    bt_temperature: float = 0.1
+    seed: int = 0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def main():
+    pair_args, model_args = parse_args((PairArguments, ModelArguments))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    labels = dict(labeling=pair_args.labeling, bt_temperature=pair_args.bt_temperature)
+    if pair_args.source == "generator":
+        pairs = toy_task.generator_pairs(pair_args.num_pairs, pair_args.seed, **labels)
+    else:
+        tokenizer = load_tokenizer(model_args)
+        model = load_model(model_args, tokenizer)
+        prompts = toy_task.make_prompts(pair_args.num_pairs, seed=pair_args.seed)
+        pairs = toy_task.policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels,
+                                      max_new_tokens=pair_args.max_new_tokens, temperature=pair_args.temperature,
+                                      top_p=pair_args.top_p)
+    os.makedirs(os.path.dirname(os.path.abspath(pair_args.output_file)), exist_ok=True)
+    with open(pair_args.output_file, "w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair) + "\n")
+    logger.info("wrote %d pairs (%s) to %s", len(pairs), pair_args.source, pair_args.output_file)
+
+
+if __name__ == "__main__":
+    main()

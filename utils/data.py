@@ -1,0 +1,288 @@
+"""Preference data: load (Hub, local file or folder, built-in toy task), normalise every format to
+prompt / chosen / rejected, tokenise once, and collate into padded chosen+rejected batches.
+
+The prompt/completion boundary is decided here, once, at tokenisation: every other module reads
+`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from datasets import Dataset, DatasetDict
+
+from utils import toy_task
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "explicit", "implicit", "conversational")
+LOCAL_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """A row that cannot become a preference pair; the message names the source, row and field."""
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default=toy_task.TOY_DATASET_NAME,
+        metadata={"help": f"Hub dataset name, local .json/.jsonl/.parquet/.csv file or folder, or "
+                          f"'{toy_task.TOY_DATASET_NAME}' (built in)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if present."})
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction of train for evaluation when no test split exists."})
+    dataset_format: str = field(
+        default="auto", metadata={"help": "explicit (prompt/chosen/rejected strings), implicit (chosen/rejected "
+                                          "share the prompt as prefix), conversational (message lists), or auto.",
+                                  "choices": list(FORMATS)})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred completion."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Column holding the other completion."})
+    max_length: int = field(default=256, metadata={"help": "Max tokens of prompt + completion."})
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={"help": "Pairs longer than max_length: keep_start keeps the whole prompt and cuts completions' "
+                          "ends (a prompt that alone fills max_length is an error); keep_end first cuts the prompt "
+                          "from the left, down to max_length // 2 tokens, then cuts completions' ends.",
+                  "choices": ["keep_start", "keep_end"]})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    toy_num_train_pairs: int = field(default=2000, metadata={"help": "Toy task: training pairs to generate."})
+    toy_num_eval_pairs: int = field(default=200, metadata={"help": "Toy task: evaluation pairs to generate."})
+    toy_pair_labeling: str = field(
+        default="deterministic", metadata={"help": "Toy task: chosen = higher true reward (deterministic) or "
+                                                   "sampled Bradley-Terry style (bradley_terry).",
+                                           "choices": ["deterministic", "bradley_terry"]})
+    toy_bt_temperature: float = field(default=0.1, metadata={"help": "Toy task: Bradley-Terry temperature."})
+    toy_seed: int = field(default=0, metadata={"help": "Toy task: generator seed."})
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+def load_raw_dataset(args: DataArguments) -> DatasetDict:
+    """Train (and test, where one exists or is split off) as they come, before any normalisation."""
+    name = args.dataset_name
+    if name == toy_task.TOY_DATASET_NAME:
+        kwargs = dict(labeling=args.toy_pair_labeling, bt_temperature=args.toy_bt_temperature)
+        splits = {"train": Dataset.from_list(toy_task.generator_pairs(args.toy_num_train_pairs, args.toy_seed, **kwargs)),
+                  "test": Dataset.from_list(toy_task.generator_pairs(args.toy_num_eval_pairs, args.toy_seed + 1, **kwargs))}
+        return DatasetDict(splits)
+    if os.path.isfile(name):
+        extension = os.path.splitext(name)[1].lower()
+        if extension not in LOCAL_FILE_TYPES:
+            raise DataError(f"{name}: unsupported file type {extension!r}; use one of {sorted(LOCAL_FILE_TYPES)}")
+        raw = datasets.load_dataset(LOCAL_FILE_TYPES[extension], data_files=name)
+    elif os.path.isdir(name):
+        raw = datasets.load_dataset(name, args.dataset_config)
+    elif name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise DataError(f"{name}: no such file or folder")  # a path, not a Hub name: don't ask the Hub
+    else:
+        raw = datasets.load_dataset(name, args.dataset_config)
+    if args.dataset_train_split not in raw:
+        raise DataError(f"{name}: no split {args.dataset_train_split!r}; it has {sorted(raw)}")
+    splits = {"train": raw[args.dataset_train_split]}
+    if args.dataset_test_split in raw:
+        splits["test"] = raw[args.dataset_test_split]
+    elif args.eval_fraction > 0:
+        split = splits["train"].train_test_split(test_size=args.eval_fraction, seed=args.toy_seed)
+        splits = {"train": split["train"], "test": split["test"]}
+    return DatasetDict(splits)
+
+
+# ------------------------------------------------------------------------------------------ normalise
+
+def detect_format(row: dict, args: DataArguments) -> str:
+    if args.dataset_format != "auto":
+        return args.dataset_format
+    if isinstance(row.get(args.chosen_column), list):
+        return "conversational"
+    return "explicit" if args.prompt_column in row else "implicit"
+
+
+def _field(row: dict, column: str, where: str, kind: type):
+    if column not in row:
+        raise DataError(f"{where}: missing field {column!r} (columns: {sorted(row)})")
+    value = row[column]
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: field {column!r} must be a {kind.__name__}, got {type(value).__name__}")
+    if len(value) == 0 or (kind is str and not value.strip()):
+        raise DataError(f"{where}: field {column!r} is empty")
+    return value
+
+
+def _check_messages(messages: list, where: str, column: str) -> None:
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: field {column!r} message {turn} must be a dict with string 'content'")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{where}: field {column!r} message {turn} has role {message.get('role')!r}; "
+                            f"expected one of {ROLES}")
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-RLHF style: the shared prefix is the prompt, cut back to a whitespace boundary so that
+    completions start at a word (with its leading space)."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = len(common)
+    if cut < min(len(chosen), len(rejected)):  # the texts differ at `cut`: back off to the word start
+        while cut > 0 and not common[cut - 1].isspace():
+            cut -= 1
+        while cut > 0 and common[cut - 1].isspace():
+            cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def normalize_row(row: dict, index: int, args: DataArguments, tokenizer, source: str) -> dict:
+    """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template)."""
+    where = f"{source} row {index}"
+    fmt = detect_format(row, args)
+    if fmt == "explicit":
+        prompt = _field(row, args.prompt_column, where, str)
+        chosen = _field(row, args.chosen_column, where, str)
+        rejected = _field(row, args.rejected_column, where, str)
+    elif fmt == "implicit":
+        prompt, chosen, rejected = split_implicit_prompt(_field(row, args.chosen_column, where, str),
+                                                         _field(row, args.rejected_column, where, str))
+        if not prompt:
+            raise DataError(f"{where}: fields {args.chosen_column!r} and {args.rejected_column!r} share no prompt")
+    else:
+        prompt, chosen, rejected = _render_conversation(row, args, tokenizer, where)
+    if not chosen.strip() or not rejected.strip():
+        empty = args.chosen_column if not chosen.strip() else args.rejected_column
+        raise DataError(f"{where}: field {empty!r} has an empty completion after the prompt")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) -> tuple[str, str, str]:
+    if tokenizer.chat_template is None:
+        raise DataError(f"{where}: conversational data needs a tokenizer with a chat template")
+    chosen = _field(row, args.chosen_column, where, list)
+    rejected = _field(row, args.rejected_column, where, list)
+    _check_messages(chosen, where, args.chosen_column)
+    _check_messages(rejected, where, args.rejected_column)
+    if isinstance(row.get(args.prompt_column), list):  # TRL style: prompt turns apart from the answer turns
+        prompt = row[args.prompt_column]
+        _check_messages(prompt, where, args.prompt_column)
+    else:  # UltraFeedback style: each side holds the whole conversation; the prompt is all but the last turn
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            raise DataError(f"{where}: fields {args.chosen_column!r} and {args.rejected_column!r} differ before "
+                            f"their final turn, so they do not share a prompt")
+        chosen, rejected = chosen[-1:], rejected[-1:]
+    for column, messages in ((args.chosen_column, chosen), (args.rejected_column, rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field {column!r} must end with an assistant turn, "
+                            f"not {messages[-1]['role']!r}")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    completions = []
+    for column, messages in ((args.chosen_column, chosen), (args.rejected_column, rejected)):
+        full_text = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError(f"{where}: field {column!r}: the chat template does not render the prompt as a prefix "
+                            f"of the conversation, so the completion cannot be separated")
+        completions.append(full_text[len(prompt_text):])
+    return prompt_text, completions[0], completions[1]
+
+
+# ------------------------------------------------------------------------------------------- tokenise
+
+def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: list[int],
+                        add_special_tokens: bool) -> list[int]:
+    """Completion ids as the model sees them after the prompt, ending in eos.
+
+    Tokenised jointly with the prompt (as the text is read) and split at the prompt's length; where a
+    token would straddle the boundary, the completion is tokenised on its own instead.
+    """
+    full_ids = tokenizer(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"]
+    if full_ids[:len(prompt_ids)] == prompt_ids:
+        ids = full_ids[len(prompt_ids):]
+    else:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int, mode: str, where: str):
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if len(prompt_ids) + longest <= max_length:
+        return prompt_ids, chosen_ids, rejected_ids
+    if mode == "keep_end":
+        keep = max(max_length - longest, max_length // 2)
+        prompt_ids = prompt_ids[-keep:]
+    elif len(prompt_ids) >= max_length:
+        raise DataError(f"{where}: field 'prompt' has {len(prompt_ids)} tokens, max_length is {max_length}: no room "
+                        f"for a completion; raise --max_length or use --truncation_mode keep_end")
+    room = max_length - len(prompt_ids)
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+
+
+def tokenize_row(row: dict, index: int, tokenizer, max_length: int, truncation_mode: str, add_special_tokens: bool,
+                 source: str) -> dict:
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=add_special_tokens)["input_ids"]
+    chosen_ids = tokenize_completion(tokenizer, row["prompt"], row["chosen"], prompt_ids, add_special_tokens)
+    rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"], prompt_ids, add_special_tokens)
+    prompt_ids, chosen_ids, rejected_ids = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length,
+                                                         truncation_mode, f"{source} row {index}")
+    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}
+
+
+def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> Dataset:
+    """Raw rows -> validated texts -> token ids. Cached by `datasets` for file and Hub sources."""
+    source = f"{args.dataset_name} [{split}]"
+    if len(raw) == 0:
+        raise DataError(f"{source}: no rows")
+    fmt = detect_format(raw[0], args)
+    texts = raw.map(normalize_row, with_indices=True, remove_columns=raw.column_names, num_proc=args.dataset_num_proc,
+                    fn_kwargs=dict(args=args, tokenizer=tokenizer, source=source),
+                    desc=f"Normalising {split} ({fmt})")
+    distinct = texts.filter(lambda row: row["chosen"] != row["rejected"], num_proc=args.dataset_num_proc)
+    if len(distinct) < len(texts):
+        logger.warning("%s: dropped %d of %d pairs whose chosen equals rejected", source,
+                       len(texts) - len(distinct), len(texts))
+    return distinct.map(tokenize_row, with_indices=True, num_proc=args.dataset_num_proc,
+                        fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length,
+                                       truncation_mode=args.truncation_mode,
+                                       add_special_tokens=fmt != "conversational", source=source),
+                        desc=f"Tokenising {split}")
+
+
+def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
+    raw = load_raw_dataset(args)
+    return DatasetDict({split: prepare_split(dataset, args, tokenizer, split) for split, dataset in raw.items()})
+
+
+# -------------------------------------------------------------------------------------------- collate
+
+def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+@dataclass
+class PreferenceCollator:
+    """Rows -> one right-padded batch of 2B sequences: B prompt+chosen rows, then B prompt+rejected rows.
+
+    `completion_mask` marks the tokens whose log-probs count; reference log-prob columns pass through.
+    """
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict:
+        sequences, masks = [], []
+        for side in ("chosen", "rejected"):
+            for row in rows:
+                prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
+                sequences.append(prompt + completion)
+                masks.append([0] * len(prompt) + [1] * len(completion))
+        batch = {"input_ids": pad(sequences, self.pad_token_id),
+                 "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+                 "completion_mask": pad(masks, 0)}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
+        return batch

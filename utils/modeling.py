@@ -1,0 +1,158 @@
+"""Tokenizer and policy: a seeded Mixtral-style preset built from a config, or any checkpoint.
+
+This module alone decides the attention implementation, the weights' dtype and the LoRA setup.
+"""
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, MixtralConfig,
+                          PreTrainedTokenizerFast)
+
+from utils import toy_task
+
+logger = logging.getLogger(__name__)
+
+# Mixtral's shape in miniature: 4+ experts, top-2 routing, grouped-query attention (fewer kv heads).
+PRESETS = {
+    # unit tests: a forward+backward in milliseconds
+    "mixtral-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    # the demo: big enough to learn the toy grammar in a minute on 2 cores
+    "mixtral-toy": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    # benchmarks: ~45M parameters with Mixtral's 32k vocabulary, so logits cost what they cost in real runs
+    "mixtral-small": dict(hidden_size=384, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
+                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=32000),
+}
+TOY_TOKENIZER_VOCAB_SIZE = 1024
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Zephyr-style template; every turn ends in eos, so a rendered assistant turn is a complete completion.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+LORA_TARGETS_MIXTRAL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="mixtral-toy",
+        metadata={"help": f"A preset ({', '.join(PRESETS)}), a local checkpoint folder or a Hub name."})
+    model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
+    model_init_seed: int = field(default=0, metadata={"help": "Seed of a preset's random initial weights."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: auto (float32 for presets, the checkpoint's own otherwise), float32, "
+                          "bfloat16 or float16.", "choices": ["auto", "float32", "bfloat16", "float16"]})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager, sdpa or flash_attention_2; default: flash_attention_2 where flash_attn imports "
+                          "and CUDA is present, else sdpa."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a checkpoint."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": f"Modules that get adapters; default for Mixtral: {LORA_TARGETS_MIXTRAL}."})
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model_name_or_path in PRESETS
+
+
+@functools.lru_cache(maxsize=1)
+def toy_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the toy corpus: any text encodes, toy words are single tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOY_TOKENIZER_VOCAB_SIZE, special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(toy_task.make_corpus(5000, seed=1234), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   additional_special_tokens=ROLE_TOKENS, chat_template=CHAT_TEMPLATE)
+
+
+def load_tokenizer(args: ModelArguments):
+    if args.is_preset:
+        tokenizer = toy_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                                  trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer of {args.model_name_or_path} has no eos token: completions cannot be ended")
+    if tokenizer.pad_token is None:
+        # Padding is always masked by attention and loss masks, so reusing eos is safe.
+        logger.warning("tokenizer of %s has no pad token: using eos %r", args.model_name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_attn_implementation(requested: str | None) -> str:
+    if requested:
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(args: ModelArguments):
+    if args.dtype == "auto":
+        return torch.float32 if args.is_preset else "auto"
+    return getattr(torch, args.dtype)
+
+
+def preset_config(name: str, tokenizer) -> MixtralConfig:
+    kwargs = dict(vocab_size=-(-len(tokenizer) // 64) * 64)  # round up to a multiple of 64 for matmul speed
+    kwargs.update(PRESETS[name])
+    return MixtralConfig(max_position_embeddings=2048, output_router_logits=True, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **kwargs)
+
+
+def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
+    """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint."""
+    auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    attn = resolve_attn_implementation(args.attn_implementation)
+    dtype = resolve_dtype(args)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    if args.is_preset:
+        config = preset_config(args.model_name_or_path, tokenizer)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        torch.manual_seed(args.model_init_seed)
+        model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        model = auto_class.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=dtype,
+                                           attn_implementation=attn, trust_remote_code=args.trust_remote_code,
+                                           **extra)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    logger.info("model %s: %.1fM parameters, dtype %s, attention %s", args.model_name_or_path,
+                model.num_parameters() / 1e6, model.dtype, attn)
+    return model
+
+
+def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or LORA_TARGETS_MIXTRAL,
+                        modules_to_save=modules_to_save,
+                        task_type="CAUSAL_LM" if modules_to_save is None else "SEQ_CLS")
+    model = get_peft_model(model, config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA: %.2fM of %.1fM parameters trainable", trainable / 1e6, total / 1e6)
+    return model
+
+
+def has_router(model) -> bool:
+    return getattr(model.config, "num_local_experts", 0) > 0 or getattr(model.config, "num_experts", 0) > 0

@@ -1,0 +1,158 @@
+"""The toy sentiment world: a CPU-sized miniature of the DPO paper's IMDb experiment.
+
+Reviews are generated from a small grammar with positive, negative and neutral words; prompts are
+review openings; the ground-truth reward of a completion is VADER's compound sentiment (its lexicon
+ships with the package, so nothing is downloaded). Preference pairs come either from the generator
+(no model needed) or from a policy checkpoint's own samples.
+"""
+
+import math
+import random
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+TOY_DATASET_NAME = "toy-sentiment"
+
+NOUNS = ["movie", "film", "plot", "story", "acting", "cast", "ending", "music", "script", "director",
+         "main character", "dialogue", "soundtrack", "lead actor", "villain", "camera work"]
+ADJECTIVES = {
+    "positive": ["great", "wonderful", "brilliant", "excellent", "beautiful", "funny", "charming",
+                 "amazing", "superb", "delightful", "fantastic", "lovely", "moving", "clever"],
+    "negative": ["terrible", "awful", "boring", "horrible", "dull", "bad", "stupid", "painful",
+                 "weak", "disappointing", "ugly", "annoying", "pathetic", "worst"],
+    "neutral": ["long", "quiet", "simple", "ordinary", "familiar", "short", "loud", "different",
+                "predictable", "strange", "old", "dark", "slow", "typical"],
+}
+VERBS = {
+    "positive": ["loved", "enjoyed", "liked", "admired", "adored", "appreciated"],
+    "negative": ["hated", "disliked", "regretted", "despised", "resented", "mocked"],
+    "neutral": ["watched", "saw", "remembered", "noticed", "followed", "described"],
+}
+INTENSIFIERS = ["", "", "", "really ", "very ", "truly ", "quite ", "so "]
+SENTENCES = [
+    "the {noun} was {intensifier}{adj}.",
+    "i {verb} the {noun}.",
+    "the {noun} felt {intensifier}{adj}.",
+    "i {verb} every minute of it.",
+    "overall it was a {adj} {noun}.",
+    "the {noun} and the {noun2} were {adj}.",
+]
+OPENINGS = [
+    "i watched this movie last night.",
+    "i saw this film with my {friend}.",
+    "this film came out in {year}.",
+    "i rented this movie on a {day}.",
+    "my {friend} told me to watch this film.",
+    "i went to see this movie at the cinema.",
+    "the trailer for this film was everywhere.",
+    "i had heard a lot about this movie.",
+]
+FRIENDS = ["sister", "brother", "friends", "parents", "wife", "husband", "roommate", "kids"]
+DAYS = ["monday", "friday", "rainy sunday", "long weekend", "quiet evening"]
+SENTIMENTS = ("positive", "negative", "neutral")
+
+
+def _pick(rng: random.Random, table: dict, sentiment: str) -> str:
+    # Mostly words of the sentence's own sentiment, sometimes the other kinds, as in real reviews.
+    roll = rng.random()
+    if roll < 0.7:
+        kind = sentiment
+    else:
+        kind = rng.choice([s for s in SENTIMENTS if s != sentiment])
+    return rng.choice(table[kind])
+
+
+def make_sentence(rng: random.Random, sentiment: str) -> str:
+    noun, noun2 = rng.sample(NOUNS, 2)
+    return rng.choice(SENTENCES).format(
+        noun=noun, noun2=noun2, adj=_pick(rng, ADJECTIVES, sentiment), verb=_pick(rng, VERBS, sentiment),
+        intensifier=rng.choice(INTENSIFIERS))
+
+
+def make_opening(rng: random.Random) -> str:
+    return rng.choice(OPENINGS).format(
+        friend=rng.choice(FRIENDS), year=rng.randint(1960, 2025), day=rng.choice(DAYS))
+
+
+def make_continuation(rng: random.Random, sentiment: str | None = None, num_sentences: int = 2) -> str:
+    """A completion for an opening: a leading space, then `num_sentences` sentences."""
+    sentiment = sentiment or rng.choice(SENTIMENTS)
+    return "".join(" " + make_sentence(rng, sentiment) for _ in range(num_sentences))
+
+
+def make_review(rng: random.Random) -> str:
+    return make_opening(rng) + make_continuation(rng, num_sentences=rng.randint(2, 3))
+
+
+def make_corpus(num_reviews: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [make_review(rng) for _ in range(num_reviews)]
+
+
+def make_prompts(num_prompts: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [make_opening(rng) for _ in range(num_prompts)]
+
+
+_ANALYZER = None
+
+
+def ground_truth_reward(completions: list[str]) -> list[float]:
+    """VADER compound sentiment in [-1, 1] of each completion: the toy task's true reward."""
+    global _ANALYZER
+    if _ANALYZER is None:  # the lexicon takes ~0.1 s to load; do it once per process
+        _ANALYZER = SentimentIntensityAnalyzer()
+    return [_ANALYZER.polarity_scores(text)["compound"] for text in completions]
+
+
+def label_pair(rng: random.Random, reward_a: float, reward_b: float, labeling: str, bt_temperature: float) -> bool:
+    """True when completion a is preferred. `bradley_terry` samples P(a > b) = sigmoid((r_a - r_b) / T)."""
+    if labeling == "deterministic":
+        return reward_a > reward_b
+    if labeling == "bradley_terry":
+        return rng.random() < 1.0 / (1.0 + math.exp(-(reward_a - reward_b) / bt_temperature))
+    raise ValueError(f"unknown pair labeling {labeling!r}: use 'deterministic' or 'bradley_terry'")
+
+
+def build_pairs(prompts: list[str], completions_a: list[str], completions_b: list[str], *, seed: int,
+                labeling: str = "deterministic", bt_temperature: float = 0.1) -> list[dict]:
+    """Label two completions per prompt with the ground truth; pairs with equal rewards carry no signal and are skipped."""
+    rng = random.Random(seed)
+    rewards_a, rewards_b = ground_truth_reward(completions_a), ground_truth_reward(completions_b)
+    pairs = []
+    for prompt, a, b, r_a, r_b in zip(prompts, completions_a, completions_b, rewards_a, rewards_b):
+        if r_a == r_b or a == b:
+            continue
+        a_wins = label_pair(rng, r_a, r_b, labeling, bt_temperature)
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def generator_pairs(num_pairs: int, seed: int = 0, labeling: str = "deterministic",
+                    bt_temperature: float = 0.1) -> list[dict]:
+    """Preference pairs from the grammar alone: no model needed (the default for quick runs)."""
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < num_pairs:  # a few draws tie and are skipped; top up until we have enough
+        need = num_pairs - len(pairs)
+        prompts = [make_opening(rng) for _ in range(need)]
+        completions_a = [make_continuation(rng) for _ in range(need)]
+        completions_b = [make_continuation(rng) for _ in range(need)]
+        pairs += build_pairs(prompts, completions_a, completions_b, seed=rng.randrange(2**31),
+                             labeling=labeling, bt_temperature=bt_temperature)
+    return pairs[:num_pairs]
+
+
+def policy_pairs(model, tokenizer, prompts: list[str], *, seed: int, labeling: str = "deterministic",
+                 bt_temperature: float = 0.1, **sampling) -> list[dict]:
+    """Preference pairs from a policy's own samples: two completions per prompt, labelled by the ground truth."""
+    import torch
+
+    from utils.generation import sample_completions
+
+    torch.manual_seed(seed)
+    completions_a = sample_completions(model, tokenizer, prompts, **sampling)
+    completions_b = sample_completions(model, tokenizer, prompts, **sampling)
+    return build_pairs(prompts, completions_a, completions_b, seed=seed, labeling=labeling,
+                       bt_temperature=bt_temperature)
