@@ -154,5 +154,6 @@ def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = 
     return model
 
 
-def has_router(model) -> bool:
-    return getattr(model.config, "num_local_experts", 0) > 0 or getattr(model.config, "num_experts", 0) > 0
+def router_kwargs(model, enabled: bool) -> dict:
+    """Forward kwargs asking a mixture-of-experts model for (or not) its router logits and aux loss."""
+    return {"output_router_logits": enabled} if hasattr(model.config, "output_router_logits") else {}

@@ -1,0 +1,157 @@
+import copy
+
+import pytest
+import torch
+
+import train_dpo
+from helpers import loop_logps
+from train_dpo import DPOArguments, DPOTrainer
+from utils import reference
+from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.modeling import ModelArguments, load_model, load_tokenizer
+
+
+def tiny_run_args(tmp_path, *extra) -> list[str]:
+    return ["--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs", "64", "--toy_num_eval_pairs", "16",
+            "--max_length", "64", "--output_dir", str(tmp_path / "out"), "--ref_logps_cache_dir",
+            str(tmp_path / "cache"), "--per_device_train_batch_size", "8", "--logging_steps", "1",
+            "--report_to", "none", *extra]
+
+
+def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):
+    """A DPOTrainer whose policy (seed `policy_seed`) differs from the reference (seed `ref_seed`), and a batch."""
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    policy = load_model(ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=policy_seed), tokenizer)
+    ref_args = ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=ref_seed)
+    ref = load_model(ref_args, tokenizer)
+    data_args = DataArguments(toy_num_train_pairs=8, toy_num_eval_pairs=4, max_length=64)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    dataset = reference.add_reference_columns(ref, load_preference_data(data_args, tokenizer), collator,
+                                              model_args=ref_args, data_args=data_args, device=torch.device("cpu"),
+                                              cache_dir=str(tmp_path / "cache"), batch_size=4)
+    args = DPOArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none",
+                        **dpo_kwargs)
+    trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset["train"], data_collator=collator,
+                         processing_class=tokenizer)
+    rows = [dataset["train"][i] for i in range(4)]
+    return trainer, collator(rows), rows, ref
+
+
+def test_first_batch_matches_trl(tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    trainer, batch, rows, ref = build(tmp_path)
+    trl_policy, trl_ref = copy.deepcopy(trainer.model), copy.deepcopy(ref)
+    ours = trainer.compute_loss(trainer.model.train(), batch)
+
+    texts = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], bf16=False,
+                         gradient_checkpointing=False, per_device_train_batch_size=4, max_length=64, report_to="none")
+    trl = TRLDPOTrainer(model=trl_policy, ref_model=trl_ref, args=trl_args, train_dataset=texts,
+                        processing_class=trainer.processing_class)
+    trl_batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
+    theirs = trl.compute_loss(trl.model.train(), trl._prepare_inputs(trl_batch))
+
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                 "aux_loss"):
+        assert trainer._metrics["train"][name][0] == pytest.approx(trl._metrics["train"][name][0], abs=1e-5), name
+    assert abs(trainer._metrics["train"]["rewards/margins"][0]) > 1e-3  # policy != reference: a real comparison
+
+
+def policy_sums(trainer, rows):
+    chosen = [loop_logps(trainer.model, r["prompt_input_ids"], r["chosen_input_ids"]) for r in rows]
+    rejected = [loop_logps(trainer.model, r["prompt_input_ids"], r["rejected_input_ids"]) for r in rows]
+    return torch.tensor(chosen), torch.tensor(rejected)
+
+
+def test_ipo_averages_log_probs_over_completion_tokens(tmp_path):
+    trainer, batch, rows, _ = build(tmp_path, loss_type="ipo", router_aux_loss_coef=0.0, beta=0.5)
+    chosen, rejected = policy_sums(trainer, rows)
+    n_chosen = torch.tensor([len(r["chosen_input_ids"]) for r in rows], dtype=torch.float64)
+    n_rejected = torch.tensor([len(r["rejected_input_ids"]) for r in rows], dtype=torch.float64)
+    ref_chosen = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float64)
+    ref_rejected = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float64)
+    margin = (chosen - ref_chosen) / n_chosen - (rejected - ref_rejected) / n_rejected
+    expected = ((margin - 1 / (2 * 0.5)) ** 2).mean()
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_rpo_adds_chosen_nll_and_router_aux_loss_is_added(tmp_path):
+    base, batch, rows, _ = build(tmp_path, router_aux_loss_coef=0.0)
+    plain = base.compute_loss(base.model, batch).item()
+
+    rpo, _, _, _ = build(tmp_path, router_aux_loss_coef=0.0, rpo_alpha=0.7)
+    chosen, _ = policy_sums(rpo, rows)
+    nll = -chosen.sum() / sum(len(r["chosen_input_ids"]) for r in rows)
+    assert rpo.compute_loss(rpo.model, batch).item() == pytest.approx(plain + 0.7 * nll.item(), rel=1e-5)
+
+    moe, _, _, _ = build(tmp_path, router_aux_loss_coef=0.5)
+    with torch.no_grad():
+        aux = moe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_router_logits=True).aux_loss.item()
+    assert aux > 0
+    assert moe.compute_loss(moe.model, batch).item() == pytest.approx(plain + 0.5 * aux, rel=1e-5)
+    assert moe._metrics["train"]["aux_loss"][0] == pytest.approx(aux, rel=1e-5)
+
+
+def test_short_run_lowers_loss_raises_accuracy_and_writes_outputs(tmp_path, capsys):
+    trainer = train_dpo.main(tiny_run_args(tmp_path, "--learning_rate", "3e-3", "--num_train_epochs", "3",
+                                           "--beta", "0.5"))
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    first, last = history[:3], history[-3:]
+    mean = lambda entries, key: sum(e[key] for e in entries) / len(entries)
+    assert mean(last, "loss") < mean(first, "loss") - 0.1
+    assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+                "aux_loss"):
+        assert key in history[0]
+    eval_entry = next(e for e in trainer.state.log_history if "eval_loss" in e)
+    assert "eval_rewards/accuracies" in eval_entry and "eval_aux_loss" in eval_entry
+    out = tmp_path / "out"
+    for name in ("model.safetensors", "tokenizer.json", "trainer_state.json", "train_results.json",
+                 "all_results.json", "eval_results.json"):
+        assert (out / name).exists(), name
+    assert "computed for 64 pairs, saved to cache" in capsys.readouterr().out
+
+    train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "1", "--output_dir", str(tmp_path / "again")))
+    assert "reference log-probs (train): loaded from cache" in capsys.readouterr().out
+
+
+def final_weights(tmp_path, *extra) -> dict:
+    trainer = train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "1", "--optim", "sgd", "--learning_rate", "0.5",
+                                           "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
+                                           "--router_aux_loss_coef", "0", *extra))
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    # The router aux loss is left out: load balancing over a micro-batch is not linear in the batch.
+    big = final_weights(tmp_path, "--per_device_train_batch_size", "8")
+    accumulated = final_weights(tmp_path, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")
+    start = load_model(ModelArguments(model_name_or_path="mixtral-tiny"), load_tokenizer(ModelArguments()))
+    assert not torch.equal(big["lm_head.weight"], start.lm_head.weight)  # the step did move the weights
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_reference_model_trains_like_precomputed_log_probs(tmp_path):
+    precomputed = final_weights(tmp_path, "--max_steps", "2")
+    frozen = final_weights(tmp_path, "--max_steps", "2", "--precompute_ref_log_probs", "false")
+    for name in precomputed:
+        torch.testing.assert_close(frozen[name], precomputed[name], rtol=1e-5, atol=1e-6)
+
+
+def test_peft_trains_adapters_and_leaves_base_weights_unchanged(tmp_path):
+    trainer = train_dpo.main(tiny_run_args(tmp_path, "--use_peft", "--max_steps", "3", "--learning_rate", "1e-2"))
+    start = load_model(ModelArguments(model_name_or_path="mixtral-tiny"), load_tokenizer(ModelArguments()))
+    base = {name.replace(".base_layer", ""): value for name, value in
+            trainer.model.get_base_model().state_dict().items() if "lora_" not in name}
+    assert base.keys() == start.state_dict().keys()
+    for name, value in start.state_dict().items():
+        torch.testing.assert_close(base[name], value, rtol=0, atol=0)
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: it trained
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()

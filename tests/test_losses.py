@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from utils.losses import LOSS_TYPES, dpo_loss
+
+
+def _random_logps(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [-(torch.rand(n, generator=g, dtype=torch.float64) * 40 + 1) for _ in range(4)]
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def _expected(loss_type, beta, eps, pc, pr, rc, rr):
+    """Independent per-pair formulas, written from the papers with plain floats."""
+    margin = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        return -(1 - eps) * _log_sigmoid(beta * margin) - eps * _log_sigmoid(-beta * margin)
+    if loss_type == "robust":
+        return (-(1 - eps) * _log_sigmoid(beta * margin) + eps * _log_sigmoid(-beta * margin)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return max(0.0, 1 - beta * margin)
+    raise AssertionError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_each_variant_matches_independent_formula(loss_type, beta, eps):
+    pc, pr, rc, rr = _random_logps()
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                                                        label_smoothing=eps)
+    expected = [_expected(loss_type, beta, eps, *map(float, row)) for row in zip(pc, pr, rc, rr)]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(chosen_rewards, beta * (pc - rc))
+    torch.testing.assert_close(rejected_rewards, beta * (pr - rr))
+
+
+def test_sigmoid_gradient_is_minus_beta_sigmoid_of_minus_beta_margin():
+    pc, pr, rc, rr = _random_logps(seed=1)
+    pc.requires_grad_(True)
+    beta = 0.3
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta)
+    losses.sum().backward()
+    margin = (pc - rc) - (pr - rr)
+    torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(-beta * margin.detach()))
+
+
+def test_rewards_are_detached_and_loss_is_not():
+    pc, pr, rc, rr = _random_logps(seed=2)
+    pc.requires_grad_(True)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert losses.requires_grad
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+def test_reference_free_is_zero_reference():
+    pc, pr, _, _ = _random_logps(seed=3)
+    zeros = torch.zeros_like(pc)
+    losses, chosen_rewards, _ = dpo_loss(pc, pr, zeros, zeros, beta=0.2)
+    expected = [-_log_sigmoid(0.2 * (float(c) - float(r))) for c, r in zip(pc, pr)]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(chosen_rewards, 0.2 * pc)
+
+
+def test_unknown_loss_type_is_an_error():
+    pc, pr, rc, rr = _random_logps()
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="sigmod")

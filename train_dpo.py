@@ -1,0 +1,206 @@
+"""Direct Preference Optimization as a transformers.Trainer subclass.
+
+    python train_dpo.py [config.yaml] [--flags]          (accelerate launch train_dpo.py ... for several GPUs)
+
+args -> tokenizer + policy -> preference pairs -> reference log-probs (once, cached) -> train -> save.
+"""
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from utils import toy_task
+from utils.cli import parse_args, setup_logging
+from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.generation import sample_completions
+from utils.logprobs import completion_logps
+from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
+from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
+from utils.reference import add_reference_columns, default_cache_dir
+
+logger = logging.getLogger("train_dpo")
+
+
+@dataclass
+class DPOArguments(TrainingArguments):
+    """TrainingArguments plus DPO's knobs, named as in TRL's DPOConfig where the concept is the same."""
+    output_dir: str = field(default="outputs/dpo", metadata={"help": "Where the model, logs and results go."})
+    learning_rate: float = 1e-6
+    logging_steps: float = 10
+    remove_unused_columns: bool = False  # the collator needs the token-id and reference columns
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "Assumed label-flip probability (conservative DPO with sigmoid, robust DPO)."})
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "Weight of an NLL term on the chosen completions (RPO); None: off."})
+    reference_free: bool = field(default=False, metadata={"help": "Take reference log-probs as zero."})
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "Score the reference once before training (false: keep a frozen copy and "
+                                        "score it every step)."})
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of reference scoring; default 4x per_device_eval_batch_size."})
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache of reference log-probs; default <HF_HOME>/dpo-ref-logps."})
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Zero all dropout so log-probs are deterministic."})
+    toy_reward_prompts: int = field(
+        default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
+                                     "log the mean ground-truth reward (0: off)."})
+
+
+class DPOTrainer(Trainer):
+    def __init__(self, *args, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-pair mean, so the Trainer must average it over accumulation steps
+        self.model_accepts_loss_kwargs = False
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+        router_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
+        self.router_aux_loss_coef = self.args.router_aux_loss_coef if self.args.router_aux_loss_coef is not None \
+            else router_coef
+        self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.args.reference_free:
+            zeros = torch.zeros(inputs["input_ids"].shape[0] // 2, device=inputs["input_ids"].device)
+            return zeros, zeros
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        with torch.no_grad():
+            if self.ref_model is None:  # PEFT: the reference is the policy with its adapters off
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   use_cache=False, **router_kwargs(model, False)).logits
+            else:
+                logits = self.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                        use_cache=False, **router_kwargs(self.ref_model, False)).logits
+        sums, _ = completion_logps(logits, inputs["input_ids"], inputs["completion_mask"])
+        return sums.chunk(2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                        **router_kwargs(model, self.use_router_aux_loss))
+        sums, num_tokens = completion_logps(outputs.logits, inputs["input_ids"], inputs["completion_mask"])
+        policy_chosen_logps, policy_rejected_logps = sums.chunk(2)
+        ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs)
+        chosen_tokens, rejected_tokens = num_tokens.chunk(2)
+        if self.args.loss_type in LENGTH_AVERAGED_LOSSES:  # per-token averages, policy and reference alike
+            policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / chosen_tokens, ref_chosen_logps / chosen_tokens
+            policy_rejected_logps = policy_rejected_logps / rejected_tokens
+            ref_rejected_logps = ref_rejected_logps / rejected_tokens
+
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+            beta=self.args.beta, loss_type=self.args.loss_type, label_smoothing=self.args.label_smoothing)
+        loss = losses.mean()
+        metrics = {
+            "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy_chosen_logps.detach(), "logps/rejected": policy_rejected_logps.detach(),
+        }
+        if self.args.rpo_alpha is not None:
+            nll_loss = -sums.chunk(2)[0].sum() / chosen_tokens.sum()
+            loss = loss + self.args.rpo_alpha * nll_loss
+            metrics["nll_loss"] = nll_loss.detach()
+        if self.use_router_aux_loss:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"] = outputs.aux_loss.detach()
+        self.store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def store_metrics(self, metrics: dict, mode: str) -> None:
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(-1)).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        # The Trainer logs only the loss; add the DPO metrics averaged since the last log.
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + name: sum(values) / len(values) for name, values in self._metrics[mode].items()})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+def toy_reward_report(model, tokenizer, num_prompts: int, seed: int, when: str) -> float:
+    """Sample held-out toy prompts, log a few completions and return the mean ground-truth reward."""
+    prompts = toy_task.make_prompts(num_prompts, seed=seed)
+    torch.manual_seed(seed)
+    completions = sample_completions(model, tokenizer, prompts, max_new_tokens=32)
+    rewards = toy_task.ground_truth_reward(completions)
+    for prompt, completion, reward in list(zip(prompts, completions, rewards))[:3]:
+        logger.info("%s DPO sample (reward %+.2f): %s|%s", when, reward, prompt, completion)
+    mean_reward = sum(rewards) / len(rewards)
+    logger.info("%s DPO: mean ground-truth reward %.3f over %d prompts", when, mean_reward, num_prompts)
+    return mean_reward
+
+
+def main(argv: list[str] | None = None) -> DPOTrainer:
+    model_args, data_args, args = parse_args((ModelArguments, DataArguments, DPOArguments), argv)
+    setup_logging(args)
+    if args.loss_type == "robust" and not 0 <= args.label_smoothing < 0.5:
+        raise SystemExit("--loss_type robust needs 0 <= --label_smoothing < 0.5")
+
+    # model
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer)
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if model_args.use_peft:
+        model = apply_lora(model, model_args)
+    ref_model = None
+    if not args.precompute_ref_log_probs and not args.reference_free and not model_args.use_peft:
+        ref_model = copy.deepcopy(model)  # only here: the frozen reference scored at every step
+
+    # data, with reference log-probs computed once
+    dataset = load_preference_data(data_args, tokenizer)
+    collator = PreferenceCollator(tokenizer.pad_token_id)
+    if args.precompute_ref_log_probs and not args.reference_free:
+        dataset = add_reference_columns(
+            model, dataset, collator, model_args=model_args, data_args=data_args, device=args.device,
+            cache_dir=args.ref_logps_cache_dir or default_cache_dir(),
+            batch_size=args.precompute_ref_batch_size or 4 * args.per_device_eval_batch_size)
+
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset["train"],
+                         eval_dataset=dataset.get("test"), data_collator=collator, processing_class=tokenizer)
+    if args.toy_reward_prompts:
+        reward_before = toy_reward_report(model, tokenizer, args.toy_reward_prompts, args.seed + 1, "before")
+
+    # train
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    if "test" in dataset:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if args.toy_reward_prompts:
+        reward_after = toy_reward_report(model, tokenizer, args.toy_reward_prompts, args.seed + 1, "after")
+        logger.info("mean ground-truth reward: %.3f before DPO -> %.3f after", reward_before, reward_after)
+
+    # save
+    trainer.save_model()
+    trainer.save_state()
+    logger.info("saved to %s", os.path.abspath(args.output_dir))
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
