@@ -18,7 +18,7 @@ from utils import toy_task
 from utils.cli import parse_args, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
-from utils.logprobs import completion_logps
+from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
 from utils.reference import add_reference_columns, default_cache_dir
@@ -49,6 +49,8 @@ class DPOArguments(TrainingArguments):
         default=None, metadata={"help": "Cache of reference log-probs; default <HF_HOME>/dpo-ref-logps."})
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
+    logps_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion tokens per chunk through the output layer (bounds logits memory)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero all dropout so log-probs are deterministic."})
     toy_reward_prompts: int = field(
         default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
@@ -77,19 +79,17 @@ class DPOTrainer(Trainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         with torch.no_grad():
             if self.ref_model is None:  # PEFT: the reference is the policy with its adapters off
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                   use_cache=False, **router_kwargs(model, False)).logits
+                unwrapped = self.accelerator.unwrap_model(model)
+                with unwrapped.disable_adapter():
+                    sums, _, _ = model_logps(model, inputs, unwrapped=unwrapped, chunk_size=self.args.logps_chunk_size)
             else:
-                logits = self.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                        use_cache=False, **router_kwargs(self.ref_model, False)).logits
-        sums, _ = completion_logps(logits, inputs["input_ids"], inputs["completion_mask"])
+                sums, _, _ = model_logps(self.ref_model, inputs, chunk_size=self.args.logps_chunk_size)
         return sums.chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                        **router_kwargs(model, self.use_router_aux_loss))
-        sums, num_tokens = completion_logps(outputs.logits, inputs["input_ids"], inputs["completion_mask"])
+        sums, num_tokens, aux_loss = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),
+                                                 router_aux_loss=self.use_router_aux_loss,
+                                                 chunk_size=self.args.logps_chunk_size)
         policy_chosen_logps, policy_rejected_logps = sums.chunk(2)
         ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs)
         chosen_tokens, rejected_tokens = num_tokens.chunk(2)
@@ -113,10 +113,10 @@ class DPOTrainer(Trainer):
             loss = loss + self.args.rpo_alpha * nll_loss
             metrics["nll_loss"] = nll_loss.detach()
         if self.use_router_aux_loss:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            metrics["aux_loss"] = outputs.aux_loss.detach()
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            metrics["aux_loss"] = aux_loss.detach()
         self.store_metrics(metrics, "train" if model.training else "eval")
-        return (loss, outputs) if return_outputs else loss
+        return (loss, metrics) if return_outputs else loss
 
     def store_metrics(self, metrics: dict, mode: str) -> None:
         for name, value in metrics.items():
@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     # model
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, tokenizer)
-    if args.disable_dropout:
+    if model_args.use_peft:
+        model = apply_lora(model, model_args)
+    if args.disable_dropout:  # LoRA's dropout included
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if model_args.use_peft:
-        model = apply_lora(model, model_args)
     ref_model = None
     if not args.precompute_ref_log_probs and not args.reference_free and not model_args.use_peft:
         ref_model = copy.deepcopy(model)  # only here: the frozen reference scored at every step

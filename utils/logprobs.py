@@ -1,18 +1,98 @@
-"""Completion log-probs: the only place that turns logits into log pi(y|x)."""
+"""Completion log-probs: the only place that turns a model's output into log pi(y|x).
+
+The [tokens, vocab] logits are the largest tensor of a DPO step (Mixtral's vocabulary is 32k).
+We never materialise them whole: the model returns its final hidden states, and only the
+completion tokens' rows go through the output layer, a chunk at a time, each chunk recomputed in
+backward (activation checkpointing) so that peak memory grows with the sequence, not with
+sequence x vocabulary. The gradients are exact.
+"""
 
 import torch
+from peft import PeftModel
+from torch.utils.checkpoint import checkpoint
+
+from utils.modeling import router_kwargs
 
 
-def completion_logps(logits: torch.Tensor, input_ids: torch.Tensor,
-                     completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of each row's completion-token log-probs, and the number of those tokens.
+def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = output_layer(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 logits: softmax in fp32
+    # gather - logsumexp is log_softmax at the label without a second [tokens, vocab] tensor
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
-    logits: [batch, seq, vocab] from the model on `input_ids` [batch, seq]; completion_mask marks
-    the tokens that count (prompt and padding are 0). Returns (sum_logps, num_tokens), both [batch].
+
+def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of its completion tokens' log-probs, and their number ([num_sequences], >= fp32).
+
+    hidden: [rows, seq, dim] final hidden states for `input_ids` [rows, seq]; `output_layer` maps them to
+    logits. `completion_mask` marks the tokens that count (prompt and padding 0). Rows hold one sequence
+    each, unless `sequence_ids` [rows, seq] says which of `num_sequences` packed sequences a token is in.
     """
-    labels = input_ids[:, 1:]  # the logits at position t predict the token at t + 1
-    mask = completion_mask[:, 1:].to(torch.float32)
-    logits = logits[:, :-1].float()
-    # gather - logsumexp equals log_softmax at the label without materialising a second [B, T, V] tensor
-    token_logps = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    counted = completion_mask[:, 1:].bool()  # the hidden state at t predicts the token at t + 1
+    hidden = hidden[:, :-1][counted]
+    labels = input_ids[:, 1:][counted]
+    if sequence_ids is None:
+        sequence_ids = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
+    if num_sequences is None:
+        num_sequences = int(sequence_ids.max()) + 1
+    owners = sequence_ids[:, 1:][counted]
+    chunks = []
+    for start in range(0, labels.shape[0], chunk_size):
+        args = (output_layer, hidden[start:start + chunk_size], labels[start:start + chunk_size])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            chunks.append(checkpoint(_token_logps, *args, use_reentrant=False))
+        else:
+            chunks.append(_token_logps(*args))
+    token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    sums = token_logps.new_zeros(num_sequences).index_add(0, owners, token_logps)
+    counts = token_logps.new_zeros(num_sequences).index_add(0, owners, torch.ones_like(token_logps))
+    return sums, counts
+
+
+def _run_as_forward(wrapper, unwrapped, fn, inputs: dict):
+    """Run fn(original_forward, **inputs) as `unwrapped`'s forward, called through `wrapper`.
+
+    Distributed wrappers (DDP, FSDP, DeepSpeed) gather parameters and arm gradient hooks around
+    their forward; our output-layer chunks run outside the model's own forward, so we temporarily
+    make them part of it.
+    """
+    original_forward = unwrapped.forward
+    if wrapper is unwrapped:
+        return fn(original_forward, **inputs)
+
+    def forward(**kwargs):
+        unwrapped.forward = original_forward
+        return fn(original_forward, **kwargs)
+
+    unwrapped.forward = forward
+    try:
+        return wrapper(**inputs)
+    finally:
+        unwrapped.forward = original_forward
+
+
+def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 1024):
+    """Run a causal LM on a collated batch: (sum_logps, num_tokens, aux_loss or None), per sequence.
+
+    `model` may be a distributed wrapper of `unwrapped`; a PEFT model runs with whatever adapters are active.
+    """
+    unwrapped = model if unwrapped is None else unwrapped
+    base = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
+    decoder, output_layer = base.get_decoder(), base.get_output_embeddings()
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+
+    def forward(original_forward, **inputs):
+        captured = []
+        hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:  # logits_to_keep=1: the model's own output layer runs on one position only
+            outputs = original_forward(**inputs, use_cache=False, logits_to_keep=1,
+                                       **router_kwargs(base, router_aux_loss))
+        finally:
+            hook.remove()
+        sums, counts = completion_logps(captured[0], output_layer, batch["input_ids"], batch["completion_mask"],
+                                        batch.get("sequence_ids"), chunk_size=chunk_size)
+        return sums, counts, outputs.aux_loss if router_aux_loss else None
+
+    return _run_as_forward(model, unwrapped, forward, inputs)

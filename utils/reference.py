@@ -20,8 +20,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from utils.logprobs import completion_logps
-from utils.modeling import router_kwargs
+from utils.logprobs import model_logps
 
 logger = logging.getLogger(__name__)
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -104,11 +103,9 @@ def score_dataset(model, dataset, collator, batch_size: int, desc: str = "refere
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     indices, chosen, rejected = [], [], []
     for batch_indices in tqdm(my_batches, desc=desc, disable=not state.is_local_main_process):
-        batch = collator([dataset[i] for i in batch_indices])
+        batch = {key: value.to(device) for key, value in collator([dataset[i] for i in batch_indices]).items()}
         with autocast:
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False, **router_kwargs(model, False)).logits
-        sums, _ = completion_logps(logits, batch["input_ids"].to(device), batch["completion_mask"].to(device))
+            sums, _, _ = model_logps(model, batch)
         chosen_sums, rejected_sums = sums.float().cpu().chunk(2)
         indices += batch_indices
         chosen += chosen_sums.tolist()
