@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from utils import toy_task
 from utils.cli import parse_args, setup_logging
-from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.data import PACKING_ATTENTION, DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
 from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
@@ -49,6 +49,9 @@ class DPOArguments(TrainingArguments):
         default=None, metadata={"help": "Cache of reference log-probs; default <HF_HOME>/dpo-ref-logps."})
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Pack each batch's sequences into one row: no compute on padding "
+                                         "(needs sdpa, eager or flash_attention_2)."})
     logps_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens per chunk through the output layer (bounds logits memory)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero all dropout so log-probs are deterministic."})
@@ -71,9 +74,9 @@ class DPOTrainer(Trainer):
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    def reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_logps(self, model, inputs, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.args.reference_free:
-            zeros = torch.zeros(inputs["input_ids"].shape[0] // 2, device=inputs["input_ids"].device)
+            zeros = torch.zeros(num_pairs, device=inputs["input_ids"].device)
             return zeros, zeros
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -91,7 +94,7 @@ class DPOTrainer(Trainer):
                                                  router_aux_loss=self.use_router_aux_loss,
                                                  chunk_size=self.args.logps_chunk_size)
         policy_chosen_logps, policy_rejected_logps = sums.chunk(2)
-        ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs)
+        ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs, len(policy_chosen_logps))
         chosen_tokens, rejected_tokens = num_tokens.chunk(2)
         if self.args.loss_type in LENGTH_AVERAGED_LOSSES:  # per-token averages, policy and reference alike
             policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / chosen_tokens, ref_chosen_logps / chosen_tokens
@@ -171,7 +174,10 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # data, with reference log-probs computed once
     dataset = load_preference_data(data_args, tokenizer)
-    collator = PreferenceCollator(tokenizer.pad_token_id)
+    if args.padding_free and model.config._attn_implementation not in PACKING_ATTENTION:
+        raise SystemExit(f"--padding_free needs attention in {PACKING_ATTENTION}, "
+                         f"not {model.config._attn_implementation}")
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free)
     if args.precompute_ref_log_probs and not args.reference_free:
         dataset = add_reference_columns(
             model, dataset, collator, model_args=model_args, data_args=data_args, device=args.device,

@@ -155,3 +155,21 @@ def test_peft_trains_adapters_and_leaves_base_weights_unchanged(tmp_path):
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: it trained
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_padding_free_gives_the_padded_loss_and_gradients(tmp_path):
+    trainer, padded_batch, rows, _ = build(tmp_path, router_aux_loss_coef=0.3)
+    packed_batch = PreferenceCollator(trainer.processing_class.pad_token_id, padding_free=True)(rows)
+    assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
+    assert packed_batch["input_ids"].numel() == padded_batch["attention_mask"].sum()  # not one pad token
+
+    results = []
+    for batch in (padded_batch, packed_batch):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)

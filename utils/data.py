@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "explicit", "implicit", "conversational")
 LOCAL_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
+# transformers 5.23 keeps packed sequences apart from `position_ids` only with these, and only when
+# attention_mask is None and no KV cache is made (seen on Mixtral: with a cache they attend to each other).
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 class DataError(ValueError):
@@ -185,7 +188,12 @@ def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) 
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: field {column!r}: the chat template does not render the prompt as a prefix "
                             f"of the conversation, so the completion cannot be separated")
-        completions.append(full_text[len(prompt_text):])
+        completion = full_text[len(prompt_text):]
+        # Templates often follow a turn's eos with a newline: end the completion at that eos, as generation
+        # stops there, so that tokenisation does not append a second eos after the newline.
+        if tokenizer.eos_token and completion.rstrip().endswith(tokenizer.eos_token):
+            completion = completion.rstrip()
+        completions.append(completion)
     return prompt_text, completions[0], completions[1]
 
 
@@ -241,15 +249,17 @@ def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> D
     texts = raw.map(normalize_row, with_indices=True, remove_columns=raw.column_names, num_proc=args.dataset_num_proc,
                     fn_kwargs=dict(args=args, tokenizer=tokenizer, source=source),
                     desc=f"Normalising {split} ({fmt})")
-    distinct = texts.filter(lambda row: row["chosen"] != row["rejected"], num_proc=args.dataset_num_proc)
+    # Tokenise before dropping pairs, so that an error names the row's index in the source.
+    tokenized = texts.map(tokenize_row, with_indices=True, num_proc=args.dataset_num_proc,
+                          fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length,
+                                         truncation_mode=args.truncation_mode,
+                                         add_special_tokens=fmt != "conversational", source=source),
+                          desc=f"Tokenising {split}")
+    distinct = tokenized.filter(lambda row: row["chosen"] != row["rejected"], num_proc=args.dataset_num_proc)
     if len(distinct) < len(texts):
         logger.warning("%s: dropped %d of %d pairs whose chosen equals rejected", source,
                        len(texts) - len(distinct), len(texts))
-    return distinct.map(tokenize_row, with_indices=True, num_proc=args.dataset_num_proc,
-                        fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length,
-                                       truncation_mode=args.truncation_mode,
-                                       add_special_tokens=fmt != "conversational", source=source),
-                        desc=f"Tokenising {split}")
+    return distinct
 
 
 def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
@@ -266,11 +276,15 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
 
 @dataclass
 class PreferenceCollator:
-    """Rows -> one right-padded batch of 2B sequences: B prompt+chosen rows, then B prompt+rejected rows.
+    """Rows -> one batch of 2B sequences: B prompt+chosen, then B prompt+rejected.
 
+    Padded (default): [2B, longest] with attention_mask. Padding-free: every sequence packed into one
+    row, `position_ids` restarting at each sequence and `sequence_ids` saying which sequence a token is
+    in, so no compute goes to padding (attention keeps sequences apart: see `PACKING_ATTENTION`).
     `completion_mask` marks the tokens whose log-probs count; reference log-prob columns pass through.
     """
     pad_token_id: int
+    padding_free: bool = False
 
     def __call__(self, rows: list[dict]) -> dict:
         sequences, masks = [], []
@@ -279,9 +293,15 @@ class PreferenceCollator:
                 prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
                 sequences.append(prompt + completion)
                 masks.append([0] * len(prompt) + [1] * len(completion))
-        batch = {"input_ids": pad(sequences, self.pad_token_id),
-                 "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-                 "completion_mask": pad(masks, 0)}
+        if self.padding_free:
+            batch = {"input_ids": torch.tensor([[t for s in sequences for t in s]]),
+                     "position_ids": torch.tensor([[p for s in sequences for p in range(len(s))]]),
+                     "sequence_ids": torch.tensor([[i for i, s in enumerate(sequences) for _ in s]]),
+                     "completion_mask": torch.tensor([[m for mask in masks for m in mask]])}
+        else:
+            batch = {"input_ids": pad(sequences, self.pad_token_id),
+                     "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+                     "completion_mask": pad(masks, 0)}
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
