@@ -33,6 +33,9 @@ class DPOArguments(TrainingArguments):
     learning_rate: float = 1e-6
     logging_steps: float = 10
     remove_unused_columns: bool = False  # the collator needs the token-id and reference columns
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision (reference scoring too); default: on where CUDA "
+                                        "supports it."})
     beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
     loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)})
     label_smoothing: float = field(
@@ -58,6 +61,12 @@ class DPOArguments(TrainingArguments):
     toy_reward_prompts: int = field(
         default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
                                      "log the mean ground-truth reward (0: off)."})
+
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
+        super().__post_init__()
 
 
 class DPOTrainer(Trainer):
@@ -182,7 +191,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         dataset = add_reference_columns(
             model, dataset, collator, model_args=model_args, data_args=data_args, device=args.device,
             cache_dir=args.ref_logps_cache_dir or default_cache_dir(),
-            batch_size=args.precompute_ref_batch_size or 4 * args.per_device_eval_batch_size)
+            batch_size=args.precompute_ref_batch_size or 4 * args.per_device_eval_batch_size,
+            dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
 
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset["train"],
                          eval_dataset=dataset.get("test"), data_collator=collator, processing_class=tokenizer)

@@ -63,13 +63,13 @@ def dataset_token_hash(dataset) -> str:
     return digest.hexdigest()
 
 
-def reference_fingerprint(model_args, model, dataset, data_args, scoring_dtype: torch.dtype) -> str:
+def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dtype) -> str:
     identity = {
         "model": model_identity(model_args, model),
         "data": dataset_token_hash(dataset),
         "max_length": data_args.max_length,
         "truncation_mode": data_args.truncation_mode,
-        "dtype": str(scoring_dtype),
+        "dtype": str(dtype),
         "attn_implementation": model.config._attn_implementation,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
@@ -85,22 +85,18 @@ def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def scoring_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 @torch.no_grad()
-def score_dataset(model, dataset, collator, batch_size: int, desc: str = "reference log-probs"):
-    """(chosen_logps, rejected_logps), float32 tensors of shape [len(dataset)], in dataset order."""
+def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype = torch.float32,
+                  desc: str = "reference log-probs"):
+    """(chosen_logps, rejected_logps), float32 tensors of shape [len(dataset)], in dataset order.
+
+    `dtype` other than float32 scores under autocast, as mixed-precision training computes the policy."""
     state = PartialState()
     device = state.device
     model.eval()
     all_batches = length_sorted_batches(dataset, batch_size)
     my_batches = all_batches[state.process_index::state.num_processes]  # round-robin keeps ranks balanced
-    dtype = scoring_dtype(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     indices, chosen, rejected = [], [], []
     for batch_indices in tqdm(my_batches, desc=desc, disable=not state.is_local_main_process):
         batch = {key: value.to(device) for key, value in collator([dataset[i] for i in batch_indices]).items()}
@@ -123,7 +119,8 @@ def score_dataset(model, dataset, collator, batch_size: int, desc: str = "refere
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str):
+def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
+                        dtype: torch.dtype = torch.float32):
     """`dataset` plus columns ref_chosen_logps / ref_rejected_logps, loaded from the cache or computed and saved."""
     state = PartialState()
     path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
@@ -132,7 +129,8 @@ def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir
         tensors = load_file(path)
         logger.info("reference log-probs (%s): loaded from cache %s", split, path)
     else:
-        chosen, rejected = score_dataset(model, dataset, collator, batch_size, desc=f"reference log-probs ({split})")
+        chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype,
+                                         desc=f"reference log-probs ({split})")
         tensors = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
         if state.is_main_process:
             os.makedirs(cache_dir, exist_ok=True)
@@ -148,15 +146,15 @@ def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir
 
 
 def add_reference_columns(model, dataset_dict, collator, *, model_args, data_args, device, cache_dir: str,
-                          batch_size: int):
+                          batch_size: int, dtype: torch.dtype = torch.float32):
     """Every split of `dataset_dict` with its reference log-prob columns, scored by the initial `model`
-    (with LoRA: the base model under it, adapters disabled)."""
+    (with LoRA: the base model under it, adapters disabled) at the training's precision `dtype`."""
     model.to(device)
     reference = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     with reference:
         for split in dataset_dict:
-            fingerprint = reference_fingerprint(model_args, model, dataset_dict[split], data_args,
-                                                scoring_dtype(device))
+            fingerprint = reference_fingerprint(model_args, model, dataset_dict[split], data_args, dtype)
             dataset_dict[split] = add_reference_logps(dataset_dict[split], model, collator, fingerprint=fingerprint,
-                                                      cache_dir=cache_dir, batch_size=batch_size, split=split)
+                                                      cache_dir=cache_dir, batch_size=batch_size, split=split,
+                                                      dtype=dtype)
     return dataset_dict

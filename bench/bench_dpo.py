@@ -1,0 +1,264 @@
+"""DPO training speed and memory: this toolkit against the installed TRL's DPOTrainer.
+
+    .venv/bin/python bench/bench_dpo.py                    # the full comparison (~10 minutes on 2 CPU cores)
+    .venv/bin/python bench/bench_dpo.py --quick            # a smoke run on the tiny preset
+
+Each configuration runs in its own process (fresh memory high-water mark, fresh caches) on the same
+model weights, pairs, batch size, max_length, steps, threads and precision, and prints one JSON
+line; this driver prints the table and, last, a machine-readable line:
+    speedup_vs_trl=<x> speedup_vs_trl_precompute=<y> peak_rss_ratio=<z>
+(ours with padding-free against TRL's defaults, against TRL with precompute_ref_log_probs, and
+ours' peak resident memory over TRL default's.)
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CONFIGS = {  # name -> (implementation, options)
+    "trl": ("trl", {"precompute": False}),
+    "trl_precompute": ("trl", {"precompute": True}),
+    "ours_padded": ("ours", {"padding_free": False}),
+    "ours_padding_free": ("ours", {"padding_free": True}),
+}
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny preset, few steps: a smoke test")
+    parser.add_argument("--preset", default="mixtral-small")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--batch_size", type=int, default=8, help="pairs per step")
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--profile", action="store_true", help="print the PyTorch profiler's top ops per config")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.preset, args.steps, args.warmup, args.batch_size, args.max_length = "mixtral-tiny", 3, 1, 4, 128
+    return args
+
+
+# ------------------------------------------------------------------------------------------- the setup
+
+def variable_length_pairs(num_pairs: int, seed: int = 0) -> list[dict]:
+    """Toy pairs with prompts of 1-4 sentences and completions of 1-8: real data's length spread."""
+    from utils import toy_task
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(num_pairs):
+        prompt = toy_task.make_opening(rng) + toy_task.make_continuation(rng, num_sentences=rng.randint(0, 3))
+        chosen, rejected = (toy_task.make_continuation(rng, "positive", rng.randint(1, 8)),
+                            toy_task.make_continuation(rng, "negative", rng.randint(1, 8)))
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def prepare(args, workdir: str) -> None:
+    """The shared inputs: one checkpoint folder and one JSONL file of pairs."""
+    from utils.modeling import ModelArguments, load_model, load_tokenizer
+
+    model_args = ModelArguments(model_name_or_path=args.preset)
+    tokenizer = load_tokenizer(model_args)
+    load_model(model_args, tokenizer).save_pretrained(os.path.join(workdir, "model"))
+    tokenizer.save_pretrained(os.path.join(workdir, "model"))
+    with open(os.path.join(workdir, "pairs.jsonl"), "w") as f:
+        for pair in variable_length_pairs((args.steps + args.warmup) * args.batch_size):
+            f.write(json.dumps(pair) + "\n")
+
+
+def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    """Measured peak of this machine for the precision used: a square matmul, best of `repeats`."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def flops_per_token(config) -> float:
+    """Forward FLOPs per token of the active weights (attention, top-k experts, router, output layer)."""
+    h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    attention = 2 * h * (2 * h + 2 * kv)
+    experts = config.num_experts_per_tok * 3 * 2 * h * config.intermediate_size + 2 * h * config.num_local_experts
+    return config.num_hidden_layers * (attention + experts) + 2 * h * config.vocab_size
+
+
+# ------------------------------------------------------------------------------------------ one worker
+
+class StepTimer:
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, *args, **kwargs):
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, *args, **kwargs):
+                timer.steps.append(time.perf_counter() - timer.start)
+
+        self.steps, self.callback = [], Callback()
+
+
+def run_worker(args, name: str, workdir: str) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    implementation, options = CONFIGS[name]
+    model_dir, data_file = os.path.join(workdir, "model"), os.path.join(workdir, "pairs.jsonl")
+    common = dict(output_dir=os.path.join(workdir, name), per_device_train_batch_size=args.batch_size,
+                  max_steps=args.steps + args.warmup, learning_rate=1e-6, bf16=args.precision == "bf16",
+                  logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True,
+                  dataloader_pin_memory=False, seed=0)
+    timer = StepTimer()
+    if implementation == "ours":
+        trainer, ref_seconds = build_ours(args, options, model_dir, data_file, common, timer, workdir)
+    else:
+        trainer, ref_seconds = build_trl(args, options, model_dir, data_file, common, timer)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            trainer.train()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+    else:
+        trainer.train()
+    timed = timer.steps[args.warmup:]
+    lengths = [len(p) + len(c) + len(p) + len(r) for p, c, r in zip(
+        trainer.train_dataset["prompt_ids" if implementation == "trl" else "prompt_input_ids"],
+        trainer.train_dataset["chosen_ids" if implementation == "trl" else "chosen_input_ids"],
+        trainer.train_dataset["rejected_ids" if implementation == "trl" else "rejected_input_ids"])]
+    tokens_per_step = statistics.mean(lengths) * args.batch_size
+    median_step = statistics.median(timed)
+    config = trainer.model.config
+    step_flops = (6 + (2 if implementation == "trl" and not options["precompute"] else 0)) \
+        * flops_per_token(config) * tokens_per_step
+    return {"config": name, "tokens_per_second": tokens_per_step / median_step, "median_step_s": median_step,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ref_scoring_s": ref_seconds, "achieved_gflops": step_flops / median_step / 1e9}
+
+
+def build_ours(args, options, model_dir, data_file, common, timer, workdir):
+    import torch
+
+    from train_dpo import DPOArguments, DPOTrainer
+    from utils.data import DataArguments, PreferenceCollator, load_preference_data
+    from utils.modeling import ModelArguments, load_model, load_tokenizer
+    from utils.reference import add_reference_columns
+
+    model_args = ModelArguments(model_name_or_path=model_dir)
+    data_args = DataArguments(dataset_name=data_file, max_length=args.max_length)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer)
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=options["padding_free"])
+    dataset = load_preference_data(data_args, tokenizer)
+    start = time.perf_counter()
+    dataset = add_reference_columns(model, dataset, collator, model_args=model_args, data_args=data_args,
+                                    device=torch.device("cpu"), batch_size=4 * args.batch_size,
+                                    cache_dir=os.path.join(common["output_dir"], "ref_cache"),  # empty: a real scoring
+                                    dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    ref_seconds = time.perf_counter() - start
+    dpo_args = DPOArguments(padding_free=options["padding_free"], **common)
+    trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=dataset["train"], data_collator=collator,
+                         processing_class=tokenizer, callbacks=[timer.callback])
+    return trainer, ref_seconds
+
+
+def build_trl(args, options, model_dir, data_file, common, timer):
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    ref_seconds = {"total": 0.0}
+    precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *a, **k):
+        start = time.perf_counter()
+        result = precompute(self, *a, **k)
+        ref_seconds["total"] += time.perf_counter() - start
+        return result
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
+    config = DPOConfig(precompute_ref_log_probs=options["precompute"], precompute_ref_batch_size=4 * args.batch_size,
+                       max_length=args.max_length, gradient_checkpointing=False, **common)
+    trainer = DPOTrainer(model=model_dir, args=config, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                         train_dataset=datasets.load_dataset("json", data_files=data_file)["train"],
+                         callbacks=[timer.callback])
+    return trainer, ref_seconds["total"] if options["precompute"] else None
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def main():
+    args = parse()
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(args, args.worker, args.workdir)))
+        return
+    from utils.modeling import ModelArguments, load_model, load_tokenizer
+
+    workdir = tempfile.mkdtemp(prefix="bench_dpo_")
+    prepare(args, workdir)
+    peak = matmul_peak_gflops(args.precision)
+    model = load_model(ModelArguments(model_name_or_path=args.preset), load_tokenizer(ModelArguments(args.preset)))
+    print(f"preset {args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {model.config.vocab_size}; "
+          f"{args.batch_size} pairs/step, max_length {args.max_length}, {args.steps} timed steps, "
+          f"{args.threads} threads, {args.precision}; measured {args.precision} matmul peak {peak:.0f} GFLOP/s")
+    results = {}
+    for name in args.configs.split(","):
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1",
+                   HF_DATASETS_CACHE=os.path.join(workdir, f"datasets_cache_{name}"))
+        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir,
+                   *[arg for arg in sys.argv[1:] if arg != "--worker"]]
+        output = subprocess.run(command, env=env, capture_output=True, text=True)
+        if output.returncode != 0:
+            sys.exit(f"{name} failed:\n{output.stderr[-4000:]}")
+        if args.profile:
+            print(f"--- profile: {name}\n{output.stderr[-6000:]}")
+        line = next(line for line in output.stdout.splitlines() if line.startswith("RESULT "))
+        results[name] = json.loads(line[len("RESULT "):])
+
+    print(f"\n| config | tokens/s | median s/step | peak RSS MB | ref scoring s | MFU ({args.precision}) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        ref = f"{r['ref_scoring_s']:.1f}" if r["ref_scoring_s"] is not None else "every step"
+        print(f"| {name} | {r['tokens_per_second']:.0f} | {r['median_step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+              f"{ref} | {100 * r['achieved_gflops'] / peak:.1f}% |")
+    ours = results.get("ours_padding_free") or results.get("ours_padded")
+    ratios = {}
+    if ours and "trl" in results:
+        ratios["speedup_vs_trl"] = ours["tokens_per_second"] / results["trl"]["tokens_per_second"]
+        ratios["peak_rss_ratio"] = ours["peak_rss_mb"] / results["trl"]["peak_rss_mb"]
+    if ours and "trl_precompute" in results:
+        ratios["speedup_vs_trl_precompute"] = ours["tokens_per_second"] / results["trl_precompute"]["tokens_per_second"]
+        ratios["ref_scoring_speedup"] = results["trl_precompute"]["ref_scoring_s"] / ours["ref_scoring_s"]
+    if "ref_scoring_speedup" in ratios:
+        print(f"\nreference scoring: {ratios['ref_scoring_speedup']:.2f}x faster than TRL's precompute step")
+    print("\n" + " ".join(f"{key}={ratios[key]:.2f}" for key in
+                          ("speedup_vs_trl", "speedup_vs_trl_precompute", "peak_rss_ratio") if key in ratios))
+
+
+if __name__ == "__main__":
+    main()
