@@ -68,6 +68,8 @@ def main():
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if model_args.use_peft:  # DPO and PPO start from a full model: fold the adapters into the weights
+        model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

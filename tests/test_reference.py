@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -108,7 +109,10 @@ def test_two_processes_score_like_one(tmp_path):
               "40", "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "1",
               "--precompute_ref_batch_size", "4", "--per_device_train_batch_size", "2", "--report_to", "none"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    with socket.socket() as probe:  # a free port, so that concurrent test runs don't collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
         subprocess.run(launcher + common + ["--ref_logps_cache_dir", str(tmp_path / name),
                                             "--output_dir", str(tmp_path / f"out_{name}")],

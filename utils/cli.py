@@ -25,6 +25,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         unknown = sorted(set(config) - known)
         if unknown:
             raise SystemExit(f"{config_path}: unknown key(s) {unknown}; see --help for the valid ones")
+        for action in parser._actions:  # argparse checks choices on flags only, not on defaults
+            if action.choices is not None and action.dest in config and config[action.dest] not in action.choices:
+                raise SystemExit(f"{config_path}: {action.dest}: invalid choice {config[action.dest]!r} "
+                                 f"(choose from {list(action.choices)})")
         parser.set_defaults(**config)
     return parser.parse_args_into_dataclasses(args=argv)
 

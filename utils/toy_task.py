@@ -110,7 +110,9 @@ def label_pair(rng: random.Random, reward_a: float, reward_b: float, labeling: s
     if labeling == "deterministic":
         return reward_a > reward_b
     if labeling == "bradley_terry":
-        return rng.random() < 1.0 / (1.0 + math.exp(-(reward_a - reward_b) / bt_temperature))
+        z = (reward_a - reward_b) / bt_temperature  # sigmoid(z) written so that exp() cannot overflow
+        probability = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return rng.random() < probability
     raise ValueError(f"unknown pair labeling {labeling!r}: use 'deterministic' or 'bradley_terry'")
 
 

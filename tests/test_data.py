@@ -1,0 +1,417 @@
+"""utils/data.py: loading, format normalisation, tokenisation, truncation, collation and errors."""
+
+import logging
+import re
+
+import pytest
+import torch
+from datasets import Dataset
+
+from utils import toy_task
+from utils.cli import parse_args
+from utils.data import DataArguments, DataError, PreferenceCollator, load_preference_data, prepare_split
+
+EXPLICIT_ROWS = [
+    {"prompt": "i saw this film with my sister.", "chosen": " the acting was wonderful.",
+     "rejected": " the acting was terrible."},
+    {"prompt": "this film came out last year.", "chosen": " i loved the music and the ending.",
+     "rejected": " i hated it."},
+    {"prompt": "my friends told me to watch this movie.", "chosen": " the plot felt clever.",
+     "rejected": " the plot felt really painful and the cast was bad."},
+]
+
+
+def prepare(rows, tokenizer, **kwargs):
+    """In-memory rows through the same normalise/tokenise path as a file."""
+    return prepare_split(Dataset.from_list(rows), DataArguments(dataset_name="inline", **kwargs), tokenizer, "train")
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def texts(dataset):
+    return [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in dataset]
+
+
+def assert_explicit_tokenisation(row, tokenizer):
+    """Prompt ids then completion ids are the pair's text tokenised as read, plus one eos."""
+    eos = tokenizer.eos_token_id
+    assert row["prompt_input_ids"] == tokenizer(row["prompt"])["input_ids"]
+    for side in ("chosen", "rejected"):
+        completion = row[f"{side}_input_ids"]
+        assert row["prompt_input_ids"] + completion == tokenizer(row["prompt"] + row[side])["input_ids"] + [eos]
+        assert completion.count(eos) == 1
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+@pytest.mark.parametrize("extension", ["jsonl", "json", "csv", "parquet"])
+def test_explicit_file_formats(extension, rows_file, tokenizer):
+    path = rows_file(f"pairs.{extension}", EXPLICIT_ROWS)
+    data = load_preference_data(DataArguments(dataset_name=path), tokenizer)
+    assert list(data) == ["train"]
+    assert texts(data["train"]) == EXPLICIT_ROWS
+    for row in data["train"]:
+        assert_explicit_tokenisation(row, tokenizer)
+
+
+def test_folder_with_train_and_test_files(tmp_path, rows_file, tokenizer):
+    rows_file("pairs/train.jsonl", EXPLICIT_ROWS[:2])
+    rows_file("pairs/test.jsonl", EXPLICIT_ROWS[2:])
+    # a split the source has wins over eval_fraction
+    data = load_preference_data(DataArguments(dataset_name=str(tmp_path / "pairs"), eval_fraction=0.5), tokenizer)
+    assert texts(data["train"]) == EXPLICIT_ROWS[:2]
+    assert texts(data["test"]) == EXPLICIT_ROWS[2:]
+
+
+def test_folder_of_shards_is_one_train_split(tmp_path, rows_file, tokenizer):
+    rows_file("shards/part-0.jsonl", EXPLICIT_ROWS[:1])
+    rows_file("shards/part-1.jsonl", EXPLICIT_ROWS[1:])
+    data = load_preference_data(DataArguments(dataset_name=str(tmp_path / "shards")), tokenizer)
+    assert list(data) == ["train"]
+    assert sorted(row["prompt"] for row in data["train"]) == sorted(row["prompt"] for row in EXPLICIT_ROWS)
+
+
+def test_eval_fraction_holds_out_part_of_train(rows_file, tokenizer):
+    rows = [{"prompt": f"prompt number {i}.", "chosen": f" good {i}.", "rejected": f" bad {i}."} for i in range(20)]
+    path = rows_file("pairs.jsonl", rows)
+    data = load_preference_data(DataArguments(dataset_name=path, eval_fraction=0.25), tokenizer)
+    assert (len(data["train"]), len(data["test"])) == (15, 5)
+    train_prompts, test_prompts = set(data["train"]["prompt"]), set(data["test"]["prompt"])
+    assert not train_prompts & test_prompts
+    assert train_prompts | test_prompts == {row["prompt"] for row in rows}
+    assert list(load_preference_data(DataArguments(dataset_name=path), tokenizer)) == ["train"]
+
+
+def test_missing_train_split(rows_file, tokenizer):
+    path = rows_file("pairs.jsonl", EXPLICIT_ROWS)
+    with pytest.raises(DataError, match="validation"):
+        load_preference_data(DataArguments(dataset_name=path, dataset_train_split="validation"), tokenizer)
+
+
+def test_toy_source(tokenizer):
+    args = DataArguments(dataset_name=toy_task.TOY_DATASET_NAME, toy_num_train_pairs=12, toy_num_eval_pairs=4,
+                         toy_seed=5)
+    data = load_preference_data(args, tokenizer)
+    assert texts(data["train"]) == toy_task.generator_pairs(12, seed=5)
+    assert texts(data["test"]) == toy_task.generator_pairs(4, seed=6)
+    assert not set(data["train"]["chosen"]) & set(data["test"]["chosen"])
+    for row in data["train"]:
+        assert_explicit_tokenisation(row, tokenizer)
+        reward_chosen, reward_rejected = toy_task.ground_truth_reward([row["chosen"], row["rejected"]])
+        assert reward_chosen > reward_rejected
+
+
+def test_toy_source_passes_labeling_through(tokenizer):
+    args = DataArguments(dataset_name=toy_task.TOY_DATASET_NAME, toy_num_train_pairs=200, toy_num_eval_pairs=1,
+                         toy_pair_labeling="bradley_terry", toy_bt_temperature=1e3)
+    train = load_preference_data(args, tokenizer)["train"]
+    rewards = [toy_task.ground_truth_reward([row["chosen"], row["rejected"]]) for row in train]
+    assert any(chosen < rejected for chosen, rejected in rewards)  # near-random labels at a huge temperature
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/dir/pairs.jsonl", "missing/pairs.jsonl", "./missing_folder",
+                                  "some/deep/folder"])
+def test_nonexistent_local_path(path, tmp_path, monkeypatch, tokenizer):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=re.escape(path) + ": no such file or folder"):
+        load_preference_data(DataArguments(dataset_name=path), tokenizer)
+
+
+def test_unsupported_file_type(tmp_path, tokenizer):
+    path = tmp_path / "pairs.txt"
+    path.write_text("prompt chosen rejected\n")
+    with pytest.raises(DataError, match=r"\.txt"):
+        load_preference_data(DataArguments(dataset_name=str(path)), tokenizer)
+
+
+# ------------------------------------------------------------------------------------- column mapping
+
+def test_column_mapping_flags(rows_file, tokenizer):
+    renamed = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in EXPLICIT_ROWS]
+    path = rows_file("renamed.jsonl", renamed)
+    (args,) = parse_args((DataArguments,), ["--dataset_name", path, "--prompt_column", "question",
+                                            "--chosen_column", "good", "--rejected_column", "bad"])
+    train = load_preference_data(args, tokenizer)["train"]
+    assert texts(train) == EXPLICIT_ROWS
+    assert train.column_names[:3] == ["prompt", "chosen", "rejected"]  # normalised names downstream
+
+
+def test_column_mapping_implicit(tokenizer):
+    rows = [{"good": "\n\nHuman: hi\n\nAssistant: hello there", "bad": "\n\nHuman: hi\n\nAssistant: go away"}]
+    (row,) = prepare(rows, tokenizer, chosen_column="good", rejected_column="bad")
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("\n\nHuman: hi\n\nAssistant:", " hello there",
+                                                               " go away")
+
+
+def test_mapped_column_missing_is_named(tokenizer):
+    with pytest.raises(DataError, match=r"row 0: missing field 'question'"):
+        prepare(EXPLICIT_ROWS, tokenizer, prompt_column="question", dataset_format="explicit")
+
+
+# ----------------------------------------------------------------------------------- implicit prompts
+
+HH_CASES = [
+    pytest.param("\n\nHuman: What is the capital of France?\n\nAssistant: Paris is the capital.",
+                 "\n\nHuman: What is the capital of France?\n\nAssistant: I don't know.",
+                 "\n\nHuman: What is the capital of France?\n\nAssistant:", " Paris is the capital.",
+                 " I don't know.", id="single-turn"),
+    pytest.param("\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant: Why did the chicken "
+                 "cross the road?",
+                 "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant: No.",
+                 "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant:",
+                 " Why did the chicken cross the road?", " No.", id="multi-turn"),
+    # the answers share words: those belong to the prompt; a shared part-word does not
+    pytest.param("\n\nHuman: How is it?\n\nAssistant: It is fine", "\n\nHuman: How is it?\n\nAssistant: It is four",
+                 "\n\nHuman: How is it?\n\nAssistant: It is", " fine", " four", id="diverge-mid-word"),
+]
+
+
+@pytest.mark.parametrize("chosen, rejected, prompt, chosen_completion, rejected_completion", HH_CASES)
+def test_implicit_prompt_extraction(chosen, rejected, prompt, chosen_completion, rejected_completion, rows_file,
+                                    tokenizer):
+    path = rows_file("hh.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    (row,) = load_preference_data(DataArguments(dataset_name=path), tokenizer)["train"]
+    assert (row["prompt"], row["chosen"], row["rejected"]) == (prompt, chosen_completion, rejected_completion)
+    eos = tokenizer.eos_token_id
+    assert row["prompt_input_ids"] + row["chosen_input_ids"] == tokenizer(chosen)["input_ids"] + [eos]
+    assert row["prompt_input_ids"] + row["rejected_input_ids"] == tokenizer(rejected)["input_ids"] + [eos]
+
+
+# ------------------------------------------------------------------------------------- conversational
+
+def expected_conversation(tokenizer, prompt_messages, answer):
+    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_messages + [answer], tokenize=False)
+    assert full.startswith(prompt)
+    return prompt, full[len(prompt):]
+
+
+def assert_conversation_row(row, tokenizer, prompt_messages, chosen, rejected):
+    eos = tokenizer.eos_token_id
+    prompt, chosen_rest = expected_conversation(tokenizer, prompt_messages, chosen)
+    _, rejected_rest = expected_conversation(tokenizer, prompt_messages, rejected)
+    assert row["prompt"] == prompt
+    # the remainder of the rendered conversation, ending at the turn's eos (the template's newline after it
+    # is not part of what the model generates)
+    for side, rest, message in (("chosen", chosen_rest, chosen), ("rejected", rejected_rest, rejected)):
+        assert row[side] == rest.rstrip()
+        assert row[side].startswith(message["content"]) and row[side].endswith(tokenizer.eos_token)
+        completion_ids = row[f"{side}_input_ids"]
+        assert row["prompt_input_ids"] == ids(tokenizer, prompt)
+        assert row["prompt_input_ids"] + completion_ids == ids(tokenizer, prompt + row[side])
+        assert completion_ids[-1] == eos and completion_ids.count(eos) == 1, "eos once, not appended again"
+
+
+def test_conversational_ultrafeedback_style(rows_file, tokenizer):
+    history = [system("you review films."), user("hi"), assistant("hello! which film?"), user("the new one")]
+    good, bad = assistant("it was wonderful, go see it."), assistant("no idea.")
+    path = rows_file("uf.jsonl", [{"chosen": history + [good], "rejected": history + [bad]}])
+    (row,) = load_preference_data(DataArguments(dataset_name=path), tokenizer)["train"]
+    assert_conversation_row(row, tokenizer, history, good, bad)
+    assert "the new one" in row["prompt"] and "hello! which film?" in row["prompt"]
+
+
+def test_conversational_trl_style(rows_file, tokenizer):
+    prompt = [user("what did you think of the film?")]
+    good, bad = assistant("the acting was brilliant."), assistant("the acting was dull.")
+    path = rows_file("trl.jsonl", [{"prompt": prompt, "chosen": [good], "rejected": [bad]}])
+    (row,) = load_preference_data(DataArguments(dataset_name=path), tokenizer)["train"]
+    assert_conversation_row(row, tokenizer, prompt, good, bad)
+
+
+# ------------------------------------------------------------------------------------------ eos, ids
+
+def test_eos_not_doubled_when_completion_ends_in_eos(tokenizer):
+    eos = tokenizer.eos_token
+    rows = [{"prompt": "i saw this film.", "chosen": " it was great." + eos, "rejected": " it was bad."}]
+    (row,) = prepare(rows, tokenizer)
+    for side in ("chosen", "rejected"):
+        assert row[f"{side}_input_ids"][-1] == tokenizer.eos_token_id
+        assert row[f"{side}_input_ids"].count(tokenizer.eos_token_id) == 1
+
+
+def test_completion_tokenised_alone_when_a_token_would_straddle_the_boundary(tokenizer):
+    # "Review: " alone ends in a lone-space token that "Review: great" does not contain
+    rows = [{"prompt": "Review: ", "chosen": "great", "rejected": "awful"}]
+    (row,) = prepare(rows, tokenizer)
+    assert row["prompt_input_ids"] == tokenizer("Review: ")["input_ids"]
+    assert row["chosen_input_ids"] == ids(tokenizer, "great") + [tokenizer.eos_token_id]
+    assert tokenizer.decode(row["prompt_input_ids"] + row["chosen_input_ids"]) == "Review: great" + tokenizer.eos_token
+
+
+# ------------------------------------------------------------------------------------------- collator
+
+@pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad", "pad=eos"])
+def test_collator_masks_exactly_the_completion_tokens(pad_is_eos, tokenizer):
+    rows = list(prepare(EXPLICIT_ROWS, tokenizer))
+    pad_id = tokenizer.eos_token_id if pad_is_eos else tokenizer.pad_token_id
+    batch = PreferenceCollator(pad_token_id=pad_id)(rows)
+    n = len(rows)
+    lengths = [len(r["prompt_input_ids"]) + len(r[f"{side}_input_ids"]) for side in ("chosen", "rejected")
+               for r in rows]
+    assert len(set(lengths)) > 1, "the rows must need padding for this test to mean anything"
+    assert batch["input_ids"].shape == batch["completion_mask"].shape == (2 * n, max(lengths))
+    for i in range(2 * n):
+        side, row = ("chosen", rows[i]) if i < n else ("rejected", rows[i - n])  # chosen rows first
+        prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
+        width = batch["input_ids"].shape[1]
+        padding = width - len(prompt) - len(completion)
+        assert batch["input_ids"][i].tolist() == prompt + completion + [pad_id] * padding
+        assert batch["attention_mask"][i].tolist() == [1] * (len(prompt) + len(completion)) + [0] * padding
+        assert batch["completion_mask"][i].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * padding
+        kept = batch["input_ids"][i][batch["completion_mask"][i].bool()].tolist()
+        assert kept == completion and kept[-1] == tokenizer.eos_token_id
+    assert "ref_chosen_logps" not in batch
+
+
+def test_padding_free_collator_packs_the_same_sequences_into_one_row(tokenizer):
+    rows = list(prepare(EXPLICIT_ROWS, tokenizer))
+    padded = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    packed = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows)
+    assert "attention_mask" not in packed
+    assert all(packed[key].shape[0] == 1 for key in ("input_ids", "position_ids", "sequence_ids", "completion_mask"))
+    real = padded["attention_mask"].bool()  # the padded batch's non-padding tokens, row by row
+    assert packed["input_ids"][0].tolist() == padded["input_ids"][real].tolist()
+    assert packed["completion_mask"][0].tolist() == padded["completion_mask"][real].tolist()
+    lengths = real.sum(dim=1).tolist()
+    assert packed["sequence_ids"][0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]  # restart per sequence
+
+
+def test_collator_passes_reference_logps_through(tokenizer):
+    rows = [dict(row, ref_chosen_logps=-1.5 - i, ref_rejected_logps=-2.5 - i)
+            for i, row in enumerate(prepare(EXPLICIT_ROWS[:2], tokenizer))]
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    assert torch.equal(batch["ref_chosen_logps"], torch.tensor([-1.5, -2.5]))
+    assert torch.equal(batch["ref_rejected_logps"], torch.tensor([-2.5, -3.5]))
+
+
+# ------------------------------------------------------------------------------------------ truncation
+
+LONG_PROMPT = "i watched this movie last night with my sister and my brother and my parents and my kids."
+LONG_ANSWER = " the acting was wonderful and the music was lovely and the ending was moving and clever."
+
+
+def untruncated(rows, tokenizer):
+    return list(prepare(rows, tokenizer, max_length=10_000))
+
+
+def test_keep_start_cuts_completion_ends(tokenizer):
+    rows = [{"prompt": "i saw this film.", "chosen": LONG_ANSWER, "rejected": " bad."}]
+    (full,) = untruncated(rows, tokenizer)
+    max_length = len(full["prompt_input_ids"]) + 6
+    assert len(full["chosen_input_ids"]) > 6 >= len(full["rejected_input_ids"])
+    (row,) = prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    assert row["prompt_input_ids"] == full["prompt_input_ids"]
+    assert row["chosen_input_ids"] == full["chosen_input_ids"][:6]
+    assert row["rejected_input_ids"] == full["rejected_input_ids"]
+
+
+def test_keep_start_prompt_filling_max_length_is_an_error(tokenizer):
+    rows = [{"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."},
+            {"prompt": "same", "chosen": " x", "rejected": " x"},  # dropped: must not shift the row numbers
+            {"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " bad."}]
+    max_length = len(tokenizer(LONG_PROMPT)["input_ids"])
+    with pytest.raises(DataError, match=r"row 2\b.*field 'prompt'.*max_length"):
+        prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+
+
+def test_keep_end_cuts_the_prompt_from_the_left(tokenizer):
+    rows = [{"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " very bad."}]
+    (full,) = untruncated(rows, tokenizer)
+    longest = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
+    max_length = 16
+    assert len(full["prompt_input_ids"]) + longest > max_length and longest < max_length // 2
+    (row,) = prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_end")
+    assert row["prompt_input_ids"] == full["prompt_input_ids"][-(max_length - longest):]
+    assert (row["chosen_input_ids"], row["rejected_input_ids"]) == (full["chosen_input_ids"],
+                                                                    full["rejected_input_ids"])
+
+
+def test_keep_end_keeps_half_for_the_prompt_then_cuts_completions(tokenizer):
+    rows = [{"prompt": LONG_PROMPT, "chosen": LONG_ANSWER, "rejected": " bad." + LONG_ANSWER}]
+    (full,) = untruncated(rows, tokenizer)
+    max_length = 16
+    (row,) = prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_end")
+    assert row["prompt_input_ids"] == full["prompt_input_ids"][-(max_length // 2):]
+    room = max_length - max_length // 2
+    assert row["chosen_input_ids"] == full["chosen_input_ids"][:room]
+    assert row["rejected_input_ids"] == full["rejected_input_ids"][:room]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}
+HH_GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+CONV_GOOD = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi"), assistant("go away")]}
+
+ERROR_CASES = [
+    pytest.param([{"prompt": "p", "chosen": " a"}] * 2, 0, "rejected", "missing field", id="missing-column"),
+    pytest.param([GOOD, {**GOOD, "chosen": ""}], 1, "chosen", "is empty", id="empty-chosen"),
+    pytest.param([GOOD, {**GOOD, "rejected": "   "}], 1, "rejected", "is empty", id="blank-rejected"),
+    pytest.param([GOOD, {**GOOD, "prompt": ""}], 1, "prompt", "is empty", id="empty-prompt"),
+    pytest.param([GOOD, {**GOOD, "chosen": None}], 1, "chosen", "must be a str", id="null-chosen"),
+    pytest.param([{**GOOD, "rejected": 3}, {**GOOD, "rejected": 4}], 0, "rejected", "must be a str, got int",
+                 id="int-rejected"),
+    pytest.param([HH_GOOD, {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: yes "
+                  "indeed"}], 1, "chosen", "empty completion", id="implicit-chosen-is-the-shared-prefix"),
+    pytest.param([HH_GOOD, {"chosen": "hello there", "rejected": "goodbye"}], 1, "chosen", "share no prompt",
+                 id="implicit-no-shared-prompt"),
+    pytest.param([CONV_GOOD, {**CONV_GOOD, "rejected": [{"role": "human", "content": "hi"}, assistant("no")]}], 1,
+                 "rejected", "role 'human'", id="wrong-role"),
+    pytest.param([CONV_GOOD, {"chosen": [user("hi"), assistant("a"), user("and?")],
+                              "rejected": [user("hi"), assistant("a"), user("so?")]}], 1, "chosen",
+                 "must end with an assistant turn", id="ultrafeedback-not-ending-in-assistant"),
+    pytest.param([{"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [assistant("bye")]},
+                  {"prompt": [user("hi")], "chosen": [assistant("hello")], "rejected": [user("bye")]}], 1,
+                 "rejected", "must end with an assistant turn", id="trl-not-ending-in-assistant"),
+    pytest.param([CONV_GOOD, {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hey"), assistant("x")]}],
+                 1, "chosen", "do not share a prompt", id="conversations-differ-before-final-turn"),
+    pytest.param([CONV_GOOD, {"chosen": [], "rejected": [user("hi"), assistant("x")]}], 1, "chosen", "is empty",
+                 id="empty-conversation"),
+]
+
+
+@pytest.mark.parametrize("rows, index, field, message", ERROR_CASES)
+def test_bad_rows_raise_data_error_naming_row_and_field(rows, index, field, message, tokenizer):
+    with pytest.raises(DataError) as error:
+        prepare(rows, tokenizer)
+    text = str(error.value)
+    assert re.search(rf"\brow {index}\b", text), text
+    assert f"'{field}'" in text and message in text, text
+    assert text.startswith("inline [train]"), text  # names the source
+
+
+def test_error_from_a_file_names_the_file(rows_file, tokenizer):
+    path = rows_file("pairs.jsonl", [GOOD, GOOD, {**GOOD, "chosen": ""}])
+    with pytest.raises(DataError, match=re.escape(path) + r" \[train\] row 2: field 'chosen' is empty"):
+        load_preference_data(DataArguments(dataset_name=path), tokenizer)
+
+
+def test_identical_pairs_are_dropped_with_a_warning(tokenizer, caplog):
+    rows = [EXPLICIT_ROWS[0], {**GOOD, "rejected": GOOD["chosen"]}, EXPLICIT_ROWS[1],
+            {**GOOD, "prompt": "another", "rejected": GOOD["chosen"]}]
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer)
+    assert texts(data) == EXPLICIT_ROWS[:2]
+    assert any("dropped 2 of 4" in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_no_warning_without_identical_pairs(tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        prepare(EXPLICIT_ROWS, tokenizer)
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]

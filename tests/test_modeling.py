@@ -1,0 +1,247 @@
+"""utils/modeling.py (presets, toy tokenizer, checkpoints, LoRA, attention) and utils/cli.py (arguments)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
+
+from utils import modeling, toy_task
+from utils.cli import parse_args
+from utils.data import DataArguments
+from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
+                            resolve_attn_implementation)
+
+TINY = ModelArguments(model_name_or_path="mixtral-tiny")
+
+
+def tiny(tokenizer, **overrides):
+    args = ModelArguments(model_name_or_path="mixtral-tiny", **overrides)
+    return load_model(args, tokenizer)
+
+
+def encode_batch(tokenizer, texts):
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def logits(model, batch):
+    model.eval()
+    return model(**batch).logits
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_mixtral_shaped(name, tokenizer):
+    config = preset_config(name, tokenizer)
+    assert isinstance(config, MixtralConfig)
+    assert config.num_local_experts >= 4 and config.num_experts_per_tok == 2
+    assert config.num_key_value_heads < config.num_attention_heads
+    assert config.num_attention_heads % config.num_key_value_heads == 0
+    assert config.vocab_size >= len(tokenizer)  # every token id has an embedding row
+    assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def test_tiny_preset_builds_a_mixtral_causal_lm(tokenizer):
+    model = load_model(TINY, tokenizer)
+    assert isinstance(model, MixtralForCausalLM)
+    assert model.dtype == torch.float32
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    batch = encode_batch(tokenizer, ["i loved the movie.", "the plot was dull and slow."])
+    out = logits(model, batch)
+    assert out.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+    assert torch.isfinite(out).all()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tokenizer):
+    first = tiny(tokenizer, model_init_seed=3).state_dict()
+    torch.rand(100)  # the global RNG moved on in between: the preset reseeds anyway
+    again = tiny(tokenizer, model_init_seed=3).state_dict()
+    other = tiny(tokenizer, model_init_seed=4).state_dict()
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    random_init = [k for k in first if first[k].std() > 0]  # (norms start at 1 whatever the seed)
+    assert random_init and all(not torch.equal(first[k], other[k]) for k in random_init)
+
+
+def test_explicit_dtype(tokenizer):
+    model = tiny(tokenizer, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+def test_toy_tokenizer_special_tokens_and_template(tokenizer):
+    assert load_tokenizer(TINY) is tokenizer
+    ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
+    assert None not in ids and len(ids) == 3  # pad, eos and bos are distinct tokens
+    assert tokenizer.chat_template
+    assert tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"] == [tokenizer.eos_token_id]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert "hi" in rendered and rendered != tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                          tokenize=False)
+
+
+@pytest.mark.parametrize("text", ["i watched this movie last night. the plot was really brilliant.",
+                                  "Anything at all: naïve café, 42%, tabs\tand\nnewlines 🎬"])
+def test_toy_tokenizer_round_trips_text(text, tokenizer):
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_toy_words_are_single_tokens(tokenizer):
+    words = {w for table in (toy_task.ADJECTIVES, toy_task.VERBS) for kind in table.values() for w in kind}
+    words |= {w for noun in toy_task.NOUNS for w in noun.split()}
+    assert all(len(tokenizer(" " + word)["input_ids"]) == 1 for word in words)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def test_saved_checkpoint_reloads_with_identical_logits(tmp_path, tokenizer):
+    model = load_model(TINY, tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    args = ModelArguments(model_name_or_path=str(tmp_path))
+    assert not args.is_preset
+    reloaded_tokenizer = load_tokenizer(args)
+    reloaded = load_model(args, reloaded_tokenizer)
+
+    text = ["i saw this film with my sister. the ending was moving.", "short one."]
+    assert reloaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert reloaded_tokenizer.chat_template == tokenizer.chat_template
+    assert (reloaded_tokenizer.pad_token_id, reloaded_tokenizer.eos_token_id) == (tokenizer.pad_token_id,
+                                                                                  tokenizer.eos_token_id)
+    assert isinstance(reloaded, MixtralForCausalLM) and reloaded.dtype == torch.float32
+    batch = encode_batch(tokenizer, text)
+    assert torch.equal(logits(model, batch), logits(reloaded, batch))
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+
+def test_lora_trains_only_adapters_and_starts_as_the_base_model(tokenizer):
+    args = ModelArguments(model_name_or_path="mixtral-tiny", use_peft=True, lora_r=4)
+    model = load_model(args, tokenizer)
+    batch = encode_batch(tokenizer, ["i loved the movie."])
+    base_logits = logits(model, batch)
+    base_names = {name for name, _ in model.named_parameters()}
+
+    peft_model = apply_lora(model, args)
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    frozen = [name for name, p in peft_model.named_parameters() if not p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert len(frozen) == len(base_names)  # every original weight is frozen
+    assert {p.shape[0] for name, p in trainable.items() if "lora_A" in name} == {4}
+    targets = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trainable}
+    assert targets == set(modeling.LORA_TARGETS_MIXTRAL)
+    assert torch.allclose(logits(peft_model, batch), base_logits)  # B starts at zero
+
+
+def test_lora_on_a_classifier_also_trains_the_head(tokenizer):
+    args = ModelArguments(model_name_or_path="mixtral-tiny", use_peft=True, lora_r=4)
+    model = apply_lora(load_model(args, tokenizer, num_labels=1), args, modules_to_save=["score"])
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in name for name in trainable)
+    assert all("lora_" in name or "score" in name for name in trainable)
+
+
+# -------------------------------------------------------------------------------------- sequence classifier
+
+def test_num_labels_gives_a_sequence_classifier(tokenizer):
+    model = load_model(TINY, tokenizer, num_labels=1)
+    assert isinstance(model, MixtralForSequenceClassification)
+    assert model.config.pad_token_id == tokenizer.pad_token_id  # needed to find each row's last token
+    batch = encode_batch(tokenizer, ["i loved it.", "the plot was dull and the acting was weak."])
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # padded batch
+    scores = logits(model, batch)
+    assert scores.shape == (2, 1)
+    # a row's score does not depend on the padding added to it
+    alone = logits(model, encode_batch(tokenizer, ["i loved it."]))
+    assert torch.allclose(scores[0], alone[0], atol=1e-5)
+
+
+def test_checkpoint_without_pad_token_pads_with_eos(tmp_path, tokenizer, caplog):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path)
+    model = load_model(TINY, tokenizer)
+    model.config.pad_token_id = None
+    model.save_pretrained(tmp_path)
+
+    args = ModelArguments(model_name_or_path=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="utils.modeling"):
+        reloaded_tokenizer = load_tokenizer(args)
+    assert reloaded_tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert "no pad token" in caplog.text
+    classifier = load_model(args, reloaded_tokenizer, num_labels=1)
+    assert isinstance(classifier, MixtralForSequenceClassification)
+    assert classifier.config.pad_token_id == tokenizer.eos_token_id  # batched scoring can find last tokens
+    batch = encode_batch(reloaded_tokenizer, ["i loved it.", "a longer review here."])
+    assert logits(classifier, batch).shape == (2, 1)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+def test_attention_implementation(monkeypatch, tokenizer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_attn_implementation(None) == "sdpa"
+    assert resolve_attn_implementation("eager") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)
+    assert resolve_attn_implementation(None) == "sdpa"  # no flash_attn installed
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert resolve_attn_implementation(None) == "flash_attention_2"
+    assert resolve_attn_implementation("sdpa") == "sdpa"
+
+
+def test_cpu_default_and_explicit_attention_reach_the_model(tokenizer):
+    if not torch.cuda.is_available():
+        assert tiny(tokenizer).config._attn_implementation == "sdpa"
+    assert tiny(tokenizer, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+# ---------------------------------------------------------------------------------------------------- cli
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_flags_flags_win(tmp_path):
+    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlora_r: 4\nuse_peft: true\n"
+                                  "lora_target_modules: [q_proj, v_proj]\neval_fraction: 0.1\nmax_length: 64\n")
+    model_args, data_args = parse_args((ModelArguments, DataArguments), [config, "--lora_r", "8",
+                                                                         "--max_length", "128"])
+    assert (model_args.lora_r, data_args.max_length) == (8, 128)  # flags win
+    assert model_args.model_name_or_path == "mixtral-tiny" and model_args.use_peft is True  # from the file
+    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert data_args.eval_fraction == 0.1
+    assert model_args.lora_alpha == ModelArguments().lora_alpha  # neither: the default
+
+
+def test_flags_only():
+    (model_args,) = parse_args((ModelArguments,), ["--model_name_or_path", "mixtral-tiny", "--lora_r", "2"])
+    assert (model_args.model_name_or_path, model_args.lora_r) == ("mixtral-tiny", 2)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        parse_args((ModelArguments, DataArguments), [config])
+
+
+def test_yaml_value_outside_choices_is_rejected(tmp_path):
+    config = write_yaml(tmp_path, "truncation_mode: keep_middle\n")
+    with pytest.raises(SystemExit, match="truncation_mode.*keep_middle"):
+        parse_args((ModelArguments, DataArguments), [config])
+    config = write_yaml(tmp_path, "truncation_mode: keep_end\ndataset_format: implicit\n")
+    (data_args,) = parse_args((DataArguments,), [config])
+    assert (data_args.truncation_mode, data_args.dataset_format) == ("keep_end", "implicit")
+
+
+def test_unknown_flag_is_rejected():
+    with pytest.raises(ValueError, match="--no_such_flag"):  # HfArgumentParser's way
+        parse_args((ModelArguments,), ["--no_such_flag", "1"])
