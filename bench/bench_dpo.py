@@ -82,16 +82,25 @@ def prepare(args, workdir: str) -> None:
             f.write(json.dumps(pair) + "\n")
 
 
-def matmul_peak_gflops(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def matmul_peak_gflops(dtype_name: str, repeats: int = 10) -> float:
     """Measured peak of this machine for the precision used: a square matmul, best of `repeats`."""
     import torch
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    size = 8192 if device().type == "cuda" else 2048
+    a, b = torch.randn(size, size, dtype=dtype, device=device()), torch.randn(size, size, dtype=dtype, device=device())
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms up
         start = time.perf_counter()
         torch.mm(a, b)
+        if device().type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best / 1e9
 
@@ -158,6 +167,7 @@ def run_worker(args, name: str, workdir: str) -> dict:
         * flops_per_token(config) * tokens_per_step
     return {"config": name, "tokens_per_second": tokens_per_step / median_step, "median_step_s": median_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None,
             "ref_scoring_s": ref_seconds, "achieved_gflops": step_flops / median_step / 1e9}
 
 
@@ -177,7 +187,7 @@ def build_ours(args, options, model_dir, data_file, common, timer, workdir):
     dataset = load_preference_data(data_args, tokenizer)
     start = time.perf_counter()
     dataset = add_reference_columns(model, dataset, collator, model_args=model_args, data_args=data_args,
-                                    device=torch.device("cpu"), batch_size=4 * args.batch_size,
+                                    device=device(), batch_size=4 * args.batch_size,
                                     cache_dir=os.path.join(common["output_dir"], "ref_cache"),  # empty: a real scoring
                                     dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     ref_seconds = time.perf_counter() - start
@@ -240,11 +250,12 @@ def main():
         line = next(line for line in output.stdout.splitlines() if line.startswith("RESULT "))
         results[name] = json.loads(line[len("RESULT "):])
 
-    print(f"\n| config | tokens/s | median s/step | peak RSS MB | ref scoring s | MFU ({args.precision}) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n| config | tokens/s | median s/step | peak RSS MB | peak GPU MB | ref scoring s | MFU ({args.precision}) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         ref = f"{r['ref_scoring_s']:.1f}" if r["ref_scoring_s"] is not None else "every step"
-        print(f"| {name} | {r['tokens_per_second']:.0f} | {r['median_step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+        gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
+        print(f"| {name} | {r['tokens_per_second']:.0f} | {r['median_step_s']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} | "
               f"{ref} | {100 * r['achieved_gflops'] / peak:.1f}% |")
     ours = results.get("ours_padding_free") or results.get("ours_padded")
     ratios = {}

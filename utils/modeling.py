@@ -28,6 +28,9 @@ PRESETS = {
     # benchmarks: ~45M parameters with Mixtral's 32k vocabulary, so logits cost what they cost in real runs
     "mixtral-small": dict(hidden_size=384, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=32000),
+    # GPU benchmarks: ~1.3B parameters (~0.45B active per token), Mixtral's 8 experts and 32k vocabulary
+    "mixtral-1b": dict(hidden_size=2048, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                       num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
 }
 TOY_TOKENIZER_VOCAB_SIZE = 1024
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
