@@ -274,34 +274,37 @@ def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
+def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                        padding_free: bool = False) -> dict:
+    """prompt + completion sequences -> model inputs and `completion_mask` (1 on the tokens whose log-probs count).
+
+    Padded: [N, longest] with attention_mask. Padding-free: all sequences packed into one row,
+    `position_ids` restarting at each and `sequence_ids` saying which sequence a token is in, so no
+    compute goes to padding (attention keeps sequences apart: see `PACKING_ATTENTION`).
+    """
+    sequences = [p + c for p, c in zip(prompts, completions)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    if padding_free:
+        return {"input_ids": torch.tensor([[t for s in sequences for t in s]]),
+                "position_ids": torch.tensor([[p for s in sequences for p in range(len(s))]]),
+                "sequence_ids": torch.tensor([[i for i, s in enumerate(sequences) for _ in s]]),
+                "completion_mask": torch.tensor([[m for mask in masks for m in mask]])}
+    return {"input_ids": pad(sequences, pad_token_id),
+            "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+            "completion_mask": pad(masks, 0)}
+
+
 @dataclass
 class PreferenceCollator:
-    """Rows -> one batch of 2B sequences: B prompt+chosen, then B prompt+rejected.
-
-    Padded (default): [2B, longest] with attention_mask. Padding-free: every sequence packed into one
-    row, `position_ids` restarting at each sequence and `sequence_ids` saying which sequence a token is
-    in, so no compute goes to padding (attention keeps sequences apart: see `PACKING_ATTENTION`).
-    `completion_mask` marks the tokens whose log-probs count; reference log-prob columns pass through.
-    """
+    """Rows -> one batch of 2B sequences (`collate_completions`): B prompt+chosen, then B prompt+rejected.
+    Reference log-prob columns pass through."""
     pad_token_id: int
     padding_free: bool = False
 
     def __call__(self, rows: list[dict]) -> dict:
-        sequences, masks = [], []
-        for side in ("chosen", "rejected"):
-            for row in rows:
-                prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
-                sequences.append(prompt + completion)
-                masks.append([0] * len(prompt) + [1] * len(completion))
-        if self.padding_free:
-            batch = {"input_ids": torch.tensor([[t for s in sequences for t in s]]),
-                     "position_ids": torch.tensor([[p for s in sequences for p in range(len(s))]]),
-                     "sequence_ids": torch.tensor([[i for i, s in enumerate(sequences) for _ in s]]),
-                     "completion_mask": torch.tensor([[m for mask in masks for m in mask]])}
-        else:
-            batch = {"input_ids": pad(sequences, self.pad_token_id),
-                     "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-                     "completion_mask": pad(masks, 0)}
+        prompts = [row["prompt_input_ids"] for row in rows] * 2
+        completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
+        batch = collate_completions(prompts, completions, self.pad_token_id, self.padding_free)
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
