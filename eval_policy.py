@@ -1,0 +1,140 @@
+"""Evaluate a policy against its reference on the toy task (the DPO paper's reward/KL axes).
+
+    python eval_policy.py --policy_path outputs/dpo --reference_path outputs/sft [--judge ground_truth|<reward model>]
+
+For held-out prompts it samples one completion from each model and reports, as JSON:
+- mean_reward: the judge's mean score of the policy's completions (ground truth or a reward model);
+- kl: sequence-level KL(policy || reference), estimated from the policy's own samples as the mean of
+  sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (unbiased when sampling at temperature 1, top_p 1);
+- win_rate: how often the judge prefers the policy's completion to the reference's on the same prompt (ties 1/2);
+- preference_accuracy: on held-out preference pairs, how often the implicit DPO reward
+  log pi(y|x) - log pi_ref(y|x) ranks the chosen completion above the rejected one.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from utils import toy_task
+from utils.cli import parse_args
+from utils.data import DataArguments, PreferenceCollator, collate_completions, load_preference_data
+from utils.generation import sample
+from utils.logprobs import model_logps
+from utils.modeling import ModelArguments, load_model, load_tokenizer
+from utils.reference import score_dataset
+
+logger = logging.getLogger("eval_policy")
+GROUND_TRUTH = "ground_truth"
+
+
+@dataclass
+class EvalArguments:
+    policy_path: str = field(default="outputs/dpo", metadata={"help": "Policy checkpoint folder (or preset)."})
+    reference_path: str = field(default="outputs/sft", metadata={"help": "Reference checkpoint folder (or preset)."})
+    judge: str = field(default=GROUND_TRUTH, metadata={"help": "ground_truth, or a train_reward.py output folder."})
+    num_prompts: int = field(default=256, metadata={"help": "Held-out toy prompts to sample."})
+    prompt_seed: int = field(default=10_000, metadata={"help": "Seed of the held-out prompts (not a training seed)."})
+    sample_seed: int = 0
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64
+    num_eval_pairs: int = field(default=256, metadata={"help": "Held-out pairs for preference accuracy (0: skip)."})
+    output_file: str | None = field(default=None, metadata={"help": "JSON results; default <policy_path>/eval_policy.json."})
+
+
+def kl_estimate(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
+    """Monte-Carlo KL(policy || reference) from samples of the policy: mean of the sequence log-ratios."""
+    return (policy_logps - reference_logps).mean().item()
+
+
+def win_rate(policy_scores: list[float], reference_scores: list[float]) -> float:
+    """Fraction of prompts where the policy's completion scores higher; a tie counts as half a win."""
+    wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, reference_scores))
+    return wins / len(policy_scores)
+
+
+@torch.no_grad()
+def completion_logps(model, completions, pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """log pi(y|x) of each sampled completion, from the sampled token ids themselves (no re-tokenising)."""
+    sums = []
+    for start in range(0, len(completions), batch_size):
+        chunk = completions[start:start + batch_size]
+        batch = collate_completions([c.prompt_ids for c in chunk], [c.completion_ids for c in chunk], pad_token_id)
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        sums.append(model_logps(model, batch)[0].cpu())
+    return torch.cat(sums)
+
+
+def make_judge(judge: str, tokenizer):
+    """A function (prompts, completions) -> scores."""
+    if judge == GROUND_TRUTH:
+        return lambda prompts, completions: toy_task.ground_truth_reward(completions)
+    reward_model = load_model(ModelArguments(model_name_or_path=judge), tokenizer, num_labels=1).eval()
+
+    @torch.no_grad()
+    def score(prompts, completions):
+        scores = []
+        for start in range(0, len(prompts), 64):
+            texts = [p + c for p, c in zip(prompts[start:start + 64], completions[start:start + 64])]
+            batch = tokenizer(texts, return_tensors="pt", padding=True).to(reward_model.device)
+            scores += reward_model(**batch).logits[:, 0].float().tolist()
+        return scores
+
+    return score
+
+
+def evaluate_policy(args: EvalArguments) -> dict:
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.policy_path))
+    policy = load_model(ModelArguments(model_name_or_path=args.policy_path), tokenizer).eval()
+    reference = load_model(ModelArguments(model_name_or_path=args.reference_path), tokenizer).eval()
+    judge = make_judge(args.judge, tokenizer)
+    prompts = toy_task.make_prompts(args.num_prompts, seed=args.prompt_seed)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    batch_size=args.batch_size)
+
+    torch.manual_seed(args.sample_seed)
+    policy_samples = sample(policy, tokenizer, prompts, **sampling)
+    reference_samples = sample(reference, tokenizer, prompts, **sampling)
+    policy_scores = judge(prompts, [s.text for s in policy_samples])
+    reference_scores = judge(prompts, [s.text for s in reference_samples])
+    log_ratios = (completion_logps(policy, policy_samples, tokenizer.pad_token_id, args.batch_size),
+                  completion_logps(reference, policy_samples, tokenizer.pad_token_id, args.batch_size))
+    results = {
+        "policy": args.policy_path, "reference": args.reference_path, "judge": args.judge,
+        "num_prompts": args.num_prompts, "mean_reward": sum(policy_scores) / len(policy_scores),
+        "reference_mean_reward": sum(reference_scores) / len(reference_scores),
+        "kl": kl_estimate(*log_ratios), "win_rate": win_rate(policy_scores, reference_scores),
+        "samples": [{"prompt": p, "completion": s.text, "score": r}
+                    for p, s, r in list(zip(prompts, policy_samples, policy_scores))[:5]],
+    }
+    if args.num_eval_pairs:
+        pairs = load_preference_data(DataArguments(toy_num_train_pairs=1, toy_num_eval_pairs=args.num_eval_pairs,
+                                                   toy_seed=args.prompt_seed), tokenizer)["test"]
+        collator = PreferenceCollator(tokenizer.pad_token_id)
+        policy_chosen, policy_rejected = score_dataset(policy, pairs, collator, args.batch_size)
+        reference_chosen, reference_rejected = score_dataset(reference, pairs, collator, args.batch_size)
+        margins = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+        results["preference_accuracy"] = (margins > 0).float().mean().item()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = parse_args((EvalArguments,), argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    results = evaluate_policy(args)
+    output_file = args.output_file or os.path.join(args.policy_path, "eval_policy.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    with open(output_file, "w") as f:
+        json.dump(results, f, indent=2)
+    logger.info("mean reward %.3f (reference %.3f), KL %.2f nats, win rate %.2f, preference accuracy %s -> %s",
+                results["mean_reward"], results["reference_mean_reward"], results["kl"], results["win_rate"],
+                f"{results['preference_accuracy']:.2f}" if "preference_accuracy" in results else "-", output_file)
+    return results
+
+
+if __name__ == "__main__":
+    main()
