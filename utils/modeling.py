@@ -3,6 +3,7 @@
 This module alone decides the attention implementation, the weights' dtype and the LoRA setup.
 """
 
+import copy
 import functools
 import importlib.util
 import logging
@@ -86,7 +87,7 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_tokenizer(args: ModelArguments):
     if args.is_preset:
-        tokenizer = toy_tokenizer()
+        tokenizer = copy.deepcopy(toy_tokenizer())  # callers may set padding_side etc.: keep the cached one pristine
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
                                                   trust_remote_code=args.trust_remote_code)

@@ -118,12 +118,13 @@ def label_pair(rng: random.Random, reward_a: float, reward_b: float, labeling: s
 
 def build_pairs(prompts: list[str], completions_a: list[str], completions_b: list[str], *, seed: int,
                 labeling: str = "deterministic", bt_temperature: float = 0.1) -> list[dict]:
-    """Label two completions per prompt with the ground truth; pairs with equal rewards carry no signal and are skipped."""
+    """Label two completions per prompt with the ground truth; pairs with equal rewards carry no signal and are
+    skipped, as are pairs with an empty completion."""
     rng = random.Random(seed)
     rewards_a, rewards_b = ground_truth_reward(completions_a), ground_truth_reward(completions_b)
     pairs = []
     for prompt, a, b, r_a, r_b in zip(prompts, completions_a, completions_b, rewards_a, rewards_b):
-        if r_a == r_b or a == b:
+        if r_a == r_b or a == b or not a.strip() or not b.strip():  # a policy may stop at once: no completion
             continue
         a_wins = label_pair(rng, r_a, r_b, labeling, bt_temperature)
         chosen, rejected = (a, b) if a_wins else (b, a)
