@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
+from accelerate import PartialState
 from transformers import AutoTokenizer, DataCollatorWithPadding
 from trl.import_utils import TRLExperimentalWarning
 
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None):
         collator = DataCollatorWithPadding(tokenizer)
         value_model = copy.deepcopy(reward_model)
 
+    rollout_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                     * PartialState().num_processes)
+    if len(prompts["train"]) < rollout_batch:
+        # TRL drops the last partial batch and then waits forever for a full one
+        raise ValueError(f"{data_args.dataset_name}: {len(prompts['train'])} training prompts, fewer than one rollout "
+                         f"batch (per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                         f"{rollout_batch})")
     trainer = PPOTrainer(args=training_args, processing_class=tokenizer, model=policy,
                          ref_model=None,  # TRL makes a frozen copy, or with LoRA turns the adapters off
                          reward_model=reward_model, value_model=value_model, data_collator=collator,
