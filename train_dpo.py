@@ -12,16 +12,21 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from utils import toy_task
-from utils.cli import parse_args, setup_logging
+from utils.checkpointing import (GracefulInterrupt, ResumableTrainer, exit_if_interrupted, latest_checkpoint,
+                                 resolve_resume)
+from utils.cli import ConfigError, parse_args, run_script, setup_logging
 from utils.data import PACKING_ATTENTION, DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
+from utils.guards import NonFiniteError, NonFiniteGuard
 from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
-from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
-from utils.reference import add_reference_columns, default_cache_dir
+from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, resolve_attn_implementation,
+                            router_kwargs)
+from utils.reference import (REF_COLUMNS, add_reference_logps, default_cache_dir, load_cached_logps,
+                             reference_fingerprint, reference_mode)
 
 logger = logging.getLogger("train_dpo")
 
@@ -69,9 +74,41 @@ class DPOArguments(TrainingArguments):
         super().__post_init__()
 
 
-class DPOTrainer(Trainer):
-    def __init__(self, *args, ref_model=None, **kwargs):
+def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
+    """Flag combinations that cannot work, refused before anything is loaded or written."""
+    if args.beta <= 0:
+        raise ConfigError(f"--beta must be > 0, got {args.beta}")
+    if args.loss_type in ("sigmoid", "robust") and not 0 <= args.label_smoothing < 0.5:
+        raise ConfigError(f"--loss_type {args.loss_type} needs 0 <= --label_smoothing < 0.5 (a label-flip "
+                          f"probability), got {args.label_smoothing}")
+    if args.loss_type not in ("sigmoid", "robust") and args.label_smoothing != 0:
+        raise ConfigError(f"--label_smoothing has no meaning for --loss_type {args.loss_type} (only sigmoid and "
+                          f"robust); got {args.label_smoothing}")
+    if args.rpo_alpha is not None and args.rpo_alpha < 0:
+        raise ConfigError(f"--rpo_alpha must be >= 0, got {args.rpo_alpha}")
+    for name in ("logps_chunk_size", "precompute_ref_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
+    attention = resolve_attn_implementation(model_args.attn_implementation)
+    if args.padding_free and attention not in PACKING_ATTENTION:
+        raise ConfigError(f"--padding_free needs --attn_implementation in {PACKING_ATTENTION}, not {attention}")
+
+
+class DPOTrainer(ResumableTrainer):
+    """The DPO loss on the Trainer. With `precompute_ref_log_probs`, datasets without reference columns get them
+    at the start of train(): from the cache if there (`model_args` and `data_args` identify the reference), else
+    scored through the model as the engine (DDP, FSDP, DeepSpeed) has prepared it, so no rank holds an
+    unsharded copy."""
+
+    def __init__(self, *args, ref_model=None, model_args=None, data_args=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.reference_identity = (model_args, data_args)
+        if ref_model is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("a frozen reference model (--precompute_ref_log_probs false without LoRA) would be a "
+                             "full unsharded copy on every rank under DeepSpeed/FSDP: keep the default "
+                             "--precompute_ref_log_probs true, or use --use_peft")
+        self.guard = NonFiniteGuard()  # a NaN/inf loss or gradient stops training, naming the step and rows
+        self.add_callback(self.guard)
         # compute_loss returns a per-pair mean, so the Trainer must average it over accumulation steps
         self.model_accepts_loss_kwargs = False
         self.ref_model = ref_model
@@ -82,6 +119,98 @@ class DPOTrainer(Trainer):
             else router_coef
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------ reference log-probs, precomputed once
+
+    def _splits(self) -> dict:
+        splits = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            splits.update({f"eval_{name}": dataset for name, dataset in self.eval_dataset.items()})
+        elif self.eval_dataset is not None:
+            splits["eval"] = self.eval_dataset
+        return splits
+
+    def _set_split(self, split: str, dataset) -> None:
+        if split == "train":
+            self.train_dataset = dataset
+        elif split == "eval":
+            self.eval_dataset = dataset
+        else:
+            self.eval_dataset = {**self.eval_dataset, split.removeprefix("eval_"): dataset}
+
+    def _reference_settings(self) -> tuple[str, torch.dtype, int]:
+        """Cache folder, scoring dtype (the training's precision) and batch size of reference scoring."""
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        return (self.args.ref_logps_cache_dir or default_cache_dir(), dtype,
+                self.args.precompute_ref_batch_size or 4 * self.args.per_device_eval_batch_size)
+
+    def load_cached_reference(self, include_train: bool = True) -> dict[str, str]:
+        """Add cached reference columns to the datasets that lack them; return {split: fingerprint} of those that
+        must still be scored. Runs no forward pass, so it works before any engine has touched the model."""
+        if not self.args.precompute_ref_log_probs or self.args.reference_free:
+            return {}
+        unscored = {split: dataset for split, dataset in self._splits().items()
+                    if (include_train or split != "train") and hasattr(dataset, "column_names")
+                    and not set(REF_COLUMNS) <= set(dataset.column_names)}
+        if not unscored:
+            return {}
+        model_args, data_args = self.reference_identity
+        if model_args is None or data_args is None:
+            raise ValueError("DPOTrainer: to precompute reference log-probs, pass model_args and data_args (the "
+                             "reference's identity), or datasets that already have ref_chosen_logps/ref_rejected_logps")
+        cache_dir, dtype, _ = self._reference_settings()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        pending = {}
+        for split, dataset in unscored.items():
+            fingerprint = reference_fingerprint(model_args, unwrapped, dataset, data_args, dtype)
+            cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
+            if cached is None:
+                pending[split] = fingerprint
+            else:
+                self._set_split(split, cached)
+        return pending
+
+    def score_reference(self, model, pending: dict[str, str]) -> None:
+        """Score the reference on the `pending` splits ({split: fingerprint}) through `model`, the model as the
+        engine wrapped it: every rank scores its share of the batches on the sharded weights."""
+        cache_dir, dtype, batch_size = self._reference_settings()
+        unwrapped = self.accelerator.unwrap_model(model)
+        splits = self._splits()
+        was_training = model.training
+        with reference_mode(unwrapped):
+            for split, fingerprint in pending.items():
+                self._set_split(split, add_reference_logps(
+                    splits[split], model, self.data_collator, fingerprint=fingerprint, cache_dir=cache_dir,
+                    batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped))
+        model.train(was_training)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._reference_pending = pending = self.load_cached_reference()
+        if pending and resume_from_checkpoint:  # the weights are no longer the reference's
+            raise ValueError(f"resuming from a checkpoint, but the reference log-probs of {sorted(pending)} are not in "
+                             f"the cache {self._reference_settings()[0]}: point --ref_logps_cache_dir at the first "
+                             "run's cache")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # transformers 5.23 Trainer internals: on return, accelerate has wrapped, placed and sharded the model
+        # (DDP, FSDP2, DeepSpeed engine) and no step has run: the moment to score the reference through it.
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        pending, self._reference_pending = getattr(self, "_reference_pending", {}), {}
+        if pending:
+            self.score_reference(model, pending)
+            if "train" in pending:  # the loop's dataloader was built over the unscored rows: rebuild it
+                stale, train_dataloader = train_dataloader, self.get_train_dataloader()
+                if stale in getattr(self.accelerator, "_dataloaders", []):
+                    self.accelerator._dataloaders.remove(stale)
+                self.callback_handler.train_dataloader = train_dataloader
+        return model, train_dataloader
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        if eval_dataset is None and self.load_cached_reference(include_train=False):
+            raise RuntimeError("reference log-probs of the eval set are neither cached nor scored yet: they are "
+                               "scored when train() has prepared the model, so call train() first")
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def reference_logps(self, model, inputs, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.args.reference_free:
@@ -97,6 +226,12 @@ class DPOTrainer(Trainer):
             else:
                 sums, _, _ = model_logps(self.ref_model, inputs, chunk_size=self.args.logps_chunk_size)
         return sums.chunk(2)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.guard.add_rows(inputs.get("row_index"))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.check_loss(loss, self.state.global_step + 1)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, num_tokens, aux_loss = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),
@@ -165,8 +300,8 @@ def toy_reward_report(model, tokenizer, num_prompts: int, seed: int, when: str) 
 def main(argv: list[str] | None = None) -> DPOTrainer:
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, DPOArguments), argv)
     setup_logging(args)
-    if args.loss_type == "robust" and not 0 <= args.label_smoothing < 0.5:
-        raise SystemExit("--loss_type robust needs 0 <= --label_smoothing < 0.5")
+    check_arguments(model_args, args)
+    resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
     # model
     tokenizer = load_tokenizer(model_args)
@@ -181,26 +316,26 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     if not args.precompute_ref_log_probs and not args.reference_free and not model_args.use_peft:
         ref_model = copy.deepcopy(model)  # only here: the frozen reference scored at every step
 
-    # data, with reference log-probs computed once
+    # data; the trainer adds reference log-probs (cached, or scored once the engine has sharded the model)
     dataset = load_preference_data(data_args, tokenizer)
-    if args.padding_free and model.config._attn_implementation not in PACKING_ATTENTION:
-        raise SystemExit(f"--padding_free needs attention in {PACKING_ATTENTION}, "
-                         f"not {model.config._attn_implementation}")
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free)
-    if args.precompute_ref_log_probs and not args.reference_free:
-        dataset = add_reference_columns(
-            model, dataset, collator, model_args=model_args, data_args=data_args, device=args.device,
-            cache_dir=args.ref_logps_cache_dir or default_cache_dir(),
-            batch_size=args.precompute_ref_batch_size or 4 * args.per_device_eval_batch_size,
-            dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32)
 
+    interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset["train"],
-                         eval_dataset=dataset.get("test"), data_collator=collator, processing_class=tokenizer)
+                         eval_dataset=dataset.get("test"), data_collator=collator, processing_class=tokenizer,
+                         model_args=model_args, data_args=data_args,
+                         callbacks=[interrupt])
     if args.toy_reward_prompts:
         reward_before = toy_reward_report(model, tokenizer, args.toy_reward_prompts, args.seed + 1, "before")
 
     # train
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    try:
+        with interrupt:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+    except NonFiniteError:
+        logger.error("last good checkpoint: %s", latest_checkpoint(args.output_dir) or "none saved")
+        raise
+    exit_if_interrupted(trainer, interrupt)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     if "test" in dataset:
@@ -212,6 +347,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         logger.info("mean ground-truth reward: %.3f before DPO -> %.3f after", reward_before, reward_after)
 
     # save
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one Hugging Face checkpoint
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
     trainer.save_state()
     logger.info("saved to %s", os.path.abspath(args.output_dir))
@@ -219,4 +356,4 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

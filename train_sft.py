@@ -10,12 +10,14 @@ import logging
 from dataclasses import dataclass, field
 
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from utils import toy_task
-from utils.cli import parse_args, setup_logging
+from utils.checkpointing import GracefulInterrupt, ResumableTrainer, exit_if_interrupted, resolve_resume
+from utils.cli import parse_args, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
+from utils.guards import NonFiniteGuard
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 
 logger = logging.getLogger("train_sft")
@@ -48,9 +50,10 @@ def chosen_completions(rows: dict) -> dict:
     return {"input_ids": input_ids, "labels": labels}
 
 
-def main():
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, SFTArguments))
+def main(argv: list[str] | None = None):
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, SFTArguments), argv)
     setup_logging(training_args)
+    resume_from = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, tokenizer)
@@ -65,9 +68,14 @@ def main():
         pairs = load_preference_data(data_args, tokenizer)["train"]
         train_dataset = pairs.map(chosen_completions, batched=True, remove_columns=pairs.column_names)
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
+    trainer = ResumableTrainer(model=model, args=training_args, train_dataset=train_dataset,
+                               processing_class=tokenizer,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+                               callbacks=[interrupt, NonFiniteGuard()])  # the guard checks gradients (no row ids)
+    with interrupt:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    exit_if_interrupted(trainer, interrupt)
     if model_args.use_peft:  # DPO and PPO start from a full model: fold the adapters into the weights
         model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model()
@@ -81,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -74,7 +74,10 @@ def test_explicit_dtype(tokenizer):
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 def test_toy_tokenizer_special_tokens_and_template(tokenizer):
-    assert load_tokenizer(TINY) is tokenizer
+    handed_out = load_tokenizer(TINY)
+    assert handed_out is not tokenizer and handed_out.get_vocab() == tokenizer.get_vocab()
+    handed_out.padding_side = "left"  # a caller's change must not leak into the cached tokenizer
+    assert load_tokenizer(TINY).padding_side == tokenizer.padding_side == "right"
     ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
     assert None not in ids and len(ids) == 3  # pad, eos and bos are distinct tokens
     assert tokenizer.chat_template

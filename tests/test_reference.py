@@ -107,7 +107,8 @@ def test_two_processes_score_like_one(tmp_path):
     """torchrun with 2 CPU processes (gloo): the cached reference log-probs equal a one-process run."""
     common = [os.path.join(REPO, "train_dpo.py"), "--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs",
               "40", "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "1",
-              "--precompute_ref_batch_size", "4", "--per_device_train_batch_size", "2", "--report_to", "none"]
+              "--precompute_ref_batch_size", "4", "--per_device_train_batch_size", "2", "--report_to", "none",
+              "--use_cpu", "true"]  # without it accelerate starts no process group on CPU: two separate runs
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as probe:  # a free port, so that concurrent test runs don't collide
         probe.bind(("127.0.0.1", 0))

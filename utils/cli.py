@@ -8,6 +8,14 @@ import transformers
 import yaml
 from transformers import HfArgumentParser
 
+from utils.data import DataError
+from utils.guards import NonFiniteError
+
+
+class ConfigError(SystemExit):
+    """Flags or a config file that cannot work; the message names them. A SystemExit, so that it ends a
+    script with its message (and no traceback) even outside `run_script`."""
+
 
 def parse_args(dataclass_types, argv: list[str] | None = None):
     """Parse dataclasses from an optional leading YAML file plus flags.
@@ -19,18 +27,55 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = argv.pop(0)
-        with open(config_path) as f:
-            config = yaml.safe_load(f) or {}
+        config = read_config(config_path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise SystemExit(f"{config_path}: unknown key(s) {unknown}; see --help for the valid ones")
+            raise ConfigError(f"{config_path}: unknown key(s) {unknown}; see --help for the valid ones")
         for action in parser._actions:  # argparse checks choices on flags only, not on defaults
             if action.choices is not None and action.dest in config and config[action.dest] not in action.choices:
-                raise SystemExit(f"{config_path}: {action.dest}: invalid choice {config[action.dest]!r} "
-                                 f"(choose from {list(action.choices)})")
+                raise ConfigError(f"{config_path}: {action.dest}: invalid choice {config[action.dest]!r} "
+                                  f"(choose from {list(action.choices)})")
         parser.set_defaults(**config)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # a dataclass's own check, e.g. TrainingArguments' "At most one of fp16 and bf16"
+        raise ConfigError(f"invalid arguments: {' '.join(str(error).split())}") from error
+    if unknown_flags:  # HfArgumentParser's own error, as it raises it
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unknown_flags}")
+    return tuple(parsed)
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(config).__name__}")
+    return config
+
+
+def run_script(main) -> None:
+    """`main()` as a command: bad input (DataError, ConfigError) ends it with one line `error: ...` and exit
+    status 2, a non-finite loss or gradient with `error: ...` and status 1, Ctrl-C outside training with 130;
+    never with a traceback. Anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except (DataError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # during training, utils/checkpointing.py turns it into a checkpoint instead
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def setup_logging(training_args) -> None:

@@ -5,6 +5,7 @@ The prompt/completion boundary is decided here, once, at tokenisation: every oth
 `prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos).
 """
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -79,9 +80,10 @@ def load_raw_dataset(args: DataArguments) -> DatasetDict:
         extension = os.path.splitext(name)[1].lower()
         if extension not in LOCAL_FILE_TYPES:
             raise DataError(f"{name}: unsupported file type {extension!r}; use one of {sorted(LOCAL_FILE_TYPES)}")
-        raw = datasets.load_dataset(LOCAL_FILE_TYPES[extension], data_files=name)
+        raw = load_local(name, [name], LOCAL_FILE_TYPES[extension], data_files=name)
     elif os.path.isdir(name):
-        raw = datasets.load_dataset(name, args.dataset_config)
+        files = sorted(os.path.join(root, file) for root, _, names in os.walk(name) for file in names)
+        raw = load_local(name, files, name, args.dataset_config)
     elif name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise DataError(f"{name}: no such file or folder")  # a path, not a Hub name: don't ask the Hub
     else:
@@ -95,6 +97,41 @@ def load_raw_dataset(args: DataArguments) -> DatasetDict:
         split = splits["train"].train_test_split(test_size=args.eval_fraction, seed=args.toy_seed)
         splits = {"train": split["train"], "test": split["test"]}
     return DatasetDict(splits)
+
+
+def load_local(name: str, files: list[str], *load_args, **load_kwargs) -> DatasetDict:
+    """datasets.load_dataset on a local file or folder; a file it cannot read is a DataError naming the file
+    (and, for JSON, the first line that does not parse) instead of a DatasetGenerationError."""
+    try:
+        return datasets.load_dataset(*load_args, **load_kwargs)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as error:  # ValueError: e.g. the JSON fallback
+        for path in files:
+            if path.endswith((".json", ".jsonl")):
+                check_json_file(path)
+        cause = error.__cause__ or error
+        raise DataError(f"{name}: cannot be read: {type(cause).__name__}: {cause}") from error
+
+
+def check_json_file(path: str) -> None:
+    """Raise a DataError at the first line of `path` that is not a JSON object (JSON Lines), unless the whole
+    file is one JSON document (a .json array of rows)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object (one row), got {type(row).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ normalise
@@ -112,7 +149,8 @@ def _field(row: dict, column: str, where: str, kind: type):
         raise DataError(f"{where}: missing field {column!r} (columns: {sorted(row)})")
     value = row[column]
     if not isinstance(value, kind):
-        raise DataError(f"{where}: field {column!r} must be a {kind.__name__}, got {type(value).__name__}")
+        got = "null or missing" if value is None else type(value).__name__  # JSON rows lacking a key read as null
+        raise DataError(f"{where}: field {column!r} must be a {kind.__name__}, got {got}")
     if len(value) == 0 or (kind is str and not value.strip()):
         raise DataError(f"{where}: field {column!r} is empty")
     return value
@@ -237,7 +275,8 @@ def tokenize_row(row: dict, index: int, tokenizer, max_length: int, truncation_m
     rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"], prompt_ids, add_special_tokens)
     prompt_ids, chosen_ids, rejected_ids = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length,
                                                          truncation_mode, f"{source} row {index}")
-    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}
+    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids,
+            "row_index": index}  # the row in the source split, for error messages during training
 
 
 def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> Dataset:
@@ -256,6 +295,8 @@ def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> D
                                          add_special_tokens=fmt != "conversational", source=source),
                           desc=f"Tokenising {split}")
     distinct = tokenized.filter(lambda row: row["chosen"] != row["rejected"], num_proc=args.dataset_num_proc)
+    if len(distinct) == 0:
+        raise DataError(f"{source}: all {len(texts)} pairs have chosen identical to rejected: nothing to learn from")
     if len(distinct) < len(texts):
         logger.warning("%s: dropped %d of %d pairs whose chosen equals rejected", source,
                        len(texts) - len(distinct), len(texts))
@@ -297,7 +338,7 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
 @dataclass
 class PreferenceCollator:
     """Rows -> one batch of 2B sequences (`collate_completions`): B prompt+chosen, then B prompt+rejected.
-    Reference log-prob columns pass through."""
+    Reference log-prob columns and `row_index` (the rows' indices in their source split) pass through."""
     pad_token_id: int
     padding_free: bool = False
 
@@ -308,4 +349,6 @@ class PreferenceCollator:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in rows[0]:
                 batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
+        if "row_index" in rows[0]:
+            batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
         return batch

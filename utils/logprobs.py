@@ -56,21 +56,28 @@ def _run_as_forward(wrapper, unwrapped, fn, inputs: dict):
 
     Distributed wrappers (DDP, FSDP, DeepSpeed) gather parameters and arm gradient hooks around
     their forward; our output-layer chunks run outside the model's own forward, so we temporarily
-    make them part of it.
+    make them part of it. The call always goes through `wrapper.__call__`, even when `wrapper is
+    unwrapped`: FSDP2's `fully_shard` wraps in place, and its hooks (which gather the root's
+    embeddings, final norm and output layer) are module hooks, not a wrapper class.
     """
+    had_own_forward = "forward" in vars(unwrapped)  # e.g. accelerate's autocast wrapper, set on the instance
     original_forward = unwrapped.forward
-    if wrapper is unwrapped:
-        return fn(original_forward, **inputs)
+
+    def restore():
+        if had_own_forward:
+            unwrapped.forward = original_forward
+        else:
+            vars(unwrapped).pop("forward", None)
 
     def forward(**kwargs):
-        unwrapped.forward = original_forward
+        restore()
         return fn(original_forward, **kwargs)
 
     unwrapped.forward = forward
     try:
         return wrapper(**inputs)
     finally:
-        unwrapped.forward = original_forward
+        restore()
 
 
 def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 1024):

@@ -61,6 +61,10 @@ class ModelArguments:
                           "and CUDA is present, else sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a checkpoint."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    load_in_fp8: bool = field(
+        default=False, metadata={"help": "LoRA over a frozen base quantized to FP8 while loading (transformers' "
+                                         "FineGrainedFP8, 128x128 blocks, fused MoE experts included: half the bf16 "
+                                         "memory); needs --use_peft and a GPU of compute capability >= 8.9 (H100)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
@@ -125,6 +129,9 @@ def preset_config(name: str, tokenizer) -> MixtralConfig:
 def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
     """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    if args.load_in_fp8 and (args.is_preset or not args.use_peft):
+        raise ValueError("--load_in_fp8 quantizes a checkpoint's frozen weights under LoRA: it needs --use_peft and "
+                         "a checkpoint, not a preset")
     attn = resolve_attn_implementation(args.attn_implementation)
     dtype = resolve_dtype(args)
     extra = {} if num_labels is None else {"num_labels": num_labels}
@@ -135,6 +142,13 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
         torch.manual_seed(args.model_init_seed)
         model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
+        if args.load_in_fp8:  # 1 byte per weight (+ a scale per 128x128 block), bf16 compute; one GPU per process
+            from accelerate import PartialState
+            from transformers import FineGrainedFP8Config
+
+            # bitsandbytes' 4-bit would replace only nn.Linear layers and leave the fused experts in bf16
+            extra.update(device_map={"": PartialState().local_process_index},
+                         quantization_config=FineGrainedFP8Config())
         model = auto_class.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=dtype,
                                            attn_implementation=attn, trust_remote_code=args.trust_remote_code,
                                            **extra)

@@ -3,7 +3,15 @@
 The reference is the initial policy (with PEFT: the same model with adapters disabled), so scoring
 needs no second copy of the weights. Every rank scores its share of length-sorted batches; the
 results are gathered back into dataset order, so N processes give what one process gives.
+Under FSDP or DeepSpeed ZeRO-3 the caller (train_dpo.DPOTrainer) passes the model as the engine
+wrapped it, so scoring runs on the sharded weights: no rank ever holds a full copy. The main process alone
+looks in the cache, reads it and writes it; the other ranks get its answer.
 This module alone decides the reference's identity (the cache fingerprint).
+
+A cache file is written to a unique temporary name and renamed into place (atomic: readers see a whole
+file or none, and concurrent writers of the same fingerprint cannot mix their bytes); its metadata holds
+the fingerprint, the row count and a sha256 of the tensors. A file that fails to parse or to match them
+(cut short, altered, another dataset) is never used: it is logged, recomputed and rewritten.
 """
 
 import contextlib
@@ -11,14 +19,19 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from utils.logprobs import model_logps
 
@@ -39,8 +52,11 @@ def default_cache_dir() -> str:
 def model_identity(model_args, model) -> dict:
     """What makes the reference's weights what they are, cheaply: never a hash of the weights themselves."""
     if model_args.is_preset:  # built from a config: the config and the seed fix the weights
-        return {"preset": model_args.model_name_or_path, "seed": model_args.model_init_seed,
-                "config": model.config.to_json_string(use_diff=False)}
+        identity = {"preset": model_args.model_name_or_path, "seed": model_args.model_init_seed,
+                    "config": model.config.to_json_string(use_diff=False)}
+        if is_deepspeed_zero3_enabled():  # built partitioned (deepspeed.zero.Init): other random draws
+            identity["zero3_init"] = True
+        return identity
     path = model_args.model_name_or_path
     if os.path.isdir(path):  # a local checkpoint (or adapter) folder: its files' names, sizes and times
         files = sorted(name for name in os.listdir(path) if name.endswith(WEIGHT_FILE_SUFFIXES))
@@ -72,6 +88,8 @@ def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dt
         "dtype": str(dtype),
         "attn_implementation": model.config._attn_implementation,
     }
+    if getattr(model_args, "load_in_fp8", False):  # an FP8 base scores otherwise than its bf16 checkpoint
+        identity["quantization"] = "fp8-block128"
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -87,25 +105,35 @@ def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype = torch.float32,
-                  desc: str = "reference log-probs"):
+                  desc: str = "reference log-probs", unwrapped=None):
     """(chosen_logps, rejected_logps), float32 tensors of shape [len(dataset)], in dataset order.
 
+    `model` may be a distributed wrapper (DDP, FSDP, a DeepSpeed engine) of `unwrapped`.
     `dtype` other than float32 scores under autocast, as mixed-precision training computes the policy."""
     state = PartialState()
     device = state.device
     model.eval()
     all_batches = length_sorted_batches(dataset, batch_size)
     my_batches = all_batches[state.process_index::state.num_processes]  # round-robin keeps ranks balanced
+    # Sharded engines gather weights inside every forward (a collective), and DDP syncs buffers: every rank
+    # must run as many forwards. A rank one batch short reruns the shortest batch and drops the result.
+    rounds = -(-len(all_batches) // state.num_processes)
+    padded = my_batches + all_batches[-1:] * (rounds - len(my_batches))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     indices, chosen, rejected = [], [], []
-    for batch_indices in tqdm(my_batches, desc=desc, disable=not state.is_local_main_process):
+    for step, batch_indices in enumerate(tqdm(padded, desc=desc, disable=not state.is_local_main_process)):
         batch = {key: value.to(device) for key, value in collator([dataset[i] for i in batch_indices]).items()}
         with autocast:
-            sums, _, _ = model_logps(model, batch)
+            sums, _, _ = model_logps(model, batch, unwrapped=unwrapped)
+        if step >= len(my_batches):
+            continue
         chosen_sums, rejected_sums = sums.float().cpu().chunk(2)
         indices += batch_indices
         chosen += chosen_sums.tolist()
         rejected += rejected_sums.tolist()
+    for module in model.modules():  # FSDP2 keeps the root's weights gathered after a forward: shard them again
+        if isinstance(module, FSDPModule):
+            module.reshard()
     if state.num_processes > 1:
         shards = [None] * state.num_processes
         dist.all_gather_object(shards, (indices, chosen, rejected))
@@ -119,25 +147,52 @@ def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype 
 
 # ---------------------------------------------------------------------------------------------- cache
 
-def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
-                        dtype: torch.dtype = torch.float32):
-    """`dataset` plus columns ref_chosen_logps / ref_rejected_logps, loaded from the cache or computed and saved."""
-    state = PartialState()
-    path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
-    state.wait_for_everyone()  # no rank may look while the main process is still writing a previous file
-    if os.path.exists(path):
-        tensors = load_file(path)
-        logger.info("reference log-probs (%s): loaded from cache %s", split, path)
-    else:
-        chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype,
-                                         desc=f"reference log-probs ({split})")
-        tensors = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-        if state.is_main_process:
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp_path = f"{path}.tmp{os.getpid()}"
-            save_file(tensors, tmp_path, metadata={"fingerprint": fingerprint, "rows": str(len(dataset))})
-            os.replace(tmp_path, path)  # atomic: readers see the whole file or none
-            logger.info("reference log-probs (%s): computed for %d pairs, saved to cache %s", split, len(dataset), path)
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_cache(path: str, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+    """Write to a temporary file unique to this writer, then rename it over `path` (atomic)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    metadata = {"fingerprint": fingerprint, "rows": str(len(tensors[REF_COLUMNS[0]])),
+                "sha256": tensors_checksum(tensors)}
+    try:
+        save_file(tensors, tmp_path, metadata=metadata)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):  # the write failed: leave no stray temporary file
+            os.remove(tmp_path)
+
+
+def load_cache(path: str, fingerprint: str, rows: int) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(tensors, "") from a verified cache file, or (None, why it cannot be used)."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as error:  # noqa: BLE001 -- cut short or garbled: whatever safetensors raises, don't use it
+        return None, f"unreadable ({type(error).__name__}: {error})"
+    if metadata.get("fingerprint") != fingerprint:
+        return None, f"fingerprint {metadata.get('fingerprint')!r} in the file, expected {fingerprint!r}"
+    if sorted(tensors) != sorted(REF_COLUMNS) or any(t.shape != (rows,) for t in tensors.values()) \
+            or metadata.get("rows") != str(rows):
+        shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+        return None, f"holds {shapes} (metadata rows {metadata.get('rows')}), expected {rows} rows of {REF_COLUMNS}"
+    if metadata.get("sha256") != tensors_checksum(tensors):
+        return None, "checksum mismatch (altered or damaged)"
+    return tensors, ""
+
+
+def _with_reference_columns(dataset, tensors: dict):
     for column in REF_COLUMNS:
         if column in dataset.column_names:
             dataset = dataset.remove_columns(column)
@@ -145,13 +200,60 @@ def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir
     return dataset
 
 
+def load_cached_logps(dataset, *, fingerprint: str, cache_dir: str, split: str):
+    """`dataset` plus its reference columns from the cache, or None where they are not cached.
+
+    Only the main process looks and reads; the other ranks receive its answer, so all ranks take the same
+    branch (one rank scoring alone would hang the others' collectives) even where the cache folder is
+    local to the main node."""
+    state = PartialState()
+    path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
+    tensors = None
+    if state.is_main_process:
+        tensors, why = load_cache(path, fingerprint, len(dataset))
+        if tensors is None and why != "missing":
+            logger.warning("reference log-probs (%s): cache file %s not used, %s: recomputing", split, path, why)
+    if state.num_processes > 1:
+        shared = [tensors]
+        broadcast_object_list(shared, from_process=0)
+        tensors = shared[0]
+    if tensors is None:
+        return None
+    logger.info("reference log-probs (%s): loaded from cache %s", split, path)
+    return _with_reference_columns(dataset, tensors)
+
+
+def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
+                        dtype: torch.dtype = torch.float32, unwrapped=None):
+    """`dataset` plus columns ref_chosen_logps / ref_rejected_logps, loaded from the cache or computed and saved
+    (by the main process alone). `model` may be a distributed wrapper of `unwrapped`."""
+    cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
+    if cached is not None:
+        return cached
+    chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype,
+                                     desc=f"reference log-probs ({split})", unwrapped=unwrapped)
+    tensors = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+    if PartialState().is_main_process:
+        path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
+        save_cache(path, tensors, fingerprint)
+        logger.info("reference log-probs (%s): computed for %d pairs, saved to cache %s", split, len(dataset), path)
+    return _with_reference_columns(dataset, tensors)
+
+
+def reference_mode(model):
+    """A context in which `model` computes the reference: with LoRA, the base model (adapters disabled)."""
+    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+
+
 def add_reference_columns(model, dataset_dict, collator, *, model_args, data_args, device, cache_dir: str,
                           batch_size: int, dtype: torch.dtype = torch.float32):
     """Every split of `dataset_dict` with its reference log-prob columns, scored by the initial `model`
-    (with LoRA: the base model under it, adapters disabled) at the training's precision `dtype`."""
+    (with LoRA: the base model under it, adapters disabled) at the training's precision `dtype`.
+
+    The plain single-model path (tests, benchmarks); train_dpo.DPOTrainer scores through the model as the
+    Trainer's engine prepared it instead."""
     model.to(device)
-    reference = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-    with reference:
+    with reference_mode(model):
         for split in dataset_dict:
             fingerprint = reference_fingerprint(model_args, model, dataset_dict[split], data_args, dtype)
             dataset_dict[split] = add_reference_logps(dataset_dict[split], model, collator, fingerprint=fingerprint,
