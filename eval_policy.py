@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils import toy_task
-from utils.cli import parse_args
+from utils.cli import parse_args, run_script
 from utils.data import DataArguments, PreferenceCollator, collate_completions, load_preference_data
 from utils.generation import sample
 from utils.logprobs import model_logps
@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from utils import toy_task
 from utils.modeling import ModelArguments, load_model, load_tokenizer
-from utils.cli import parse_args
+from utils.cli import parse_args, run_script
 
 logger = logging.getLogger("make_toy_pairs")
 
@@ -53,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,7 +18,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, DataCollatorWithPadding
 from trl.import_utils import TRLExperimentalWarning
 
-from utils.cli import parse_args, setup_logging
+from utils.cli import parse_args, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 from utils.rewards import GroundTruthReward
@@ -112,4 +112,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -14,7 +14,7 @@ from accelerate.utils import is_peft_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl import RewardConfig, RewardTrainer
 
-from utils.cli import parse_args, setup_logging
+from utils.cli import parse_args, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
 
@@ -123,4 +123,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
