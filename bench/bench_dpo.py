@@ -105,12 +105,12 @@ def matmul_peak_gflops(dtype_name: str, repeats: int = 10) -> float:
     return 2 * size ** 3 / best / 1e9
 
 
-def flops_per_token(config) -> float:
-    """Forward FLOPs per token of the active weights (attention, top-k experts, router, output layer)."""
+def flops_per_token(config) -> tuple[float, float]:
+    """Forward FLOPs per token of the active weights: (body: attention, top-k experts, router; output layer)."""
     h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     attention = 2 * h * (2 * h + 2 * kv)
     experts = config.num_experts_per_tok * 3 * 2 * h * config.intermediate_size + 2 * h * config.num_local_experts
-    return config.num_hidden_layers * (attention + experts) + 2 * h * config.vocab_size
+    return config.num_hidden_layers * (attention + experts), 2 * h * config.vocab_size
 
 
 # ------------------------------------------------------------------------------------------ one worker
@@ -141,7 +141,7 @@ def run_worker(args, name: str, workdir: str) -> dict:
     common = dict(output_dir=os.path.join(workdir, name), per_device_train_batch_size=args.batch_size,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, bf16=args.precision == "bf16",
                   logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True,
-                  dataloader_pin_memory=False, seed=0)
+                  dataloader_pin_memory=False, seed=0, use_cpu=device().type == "cpu")  # bf16 on CPU needs use_cpu
     timer = StepTimer()
     if implementation == "ours":
         trainer, ref_seconds = build_ours(args, options, model_dir, data_file, common, timer, workdir)
@@ -156,15 +156,17 @@ def run_worker(args, name: str, workdir: str) -> dict:
     else:
         trainer.train()
     timed = timer.steps[args.warmup:]
-    lengths = [len(p) + len(c) + len(p) + len(r) for p, c, r in zip(
-        trainer.train_dataset["prompt_ids" if implementation == "trl" else "prompt_input_ids"],
-        trainer.train_dataset["chosen_ids" if implementation == "trl" else "chosen_input_ids"],
-        trainer.train_dataset["rejected_ids" if implementation == "trl" else "rejected_input_ids"])]
-    tokens_per_step = statistics.mean(lengths) * args.batch_size
+    prefix = "" if implementation == "trl" else "input_"
+    columns = [trainer.train_dataset[f"{side}_{prefix}ids"] for side in ("prompt", "chosen", "rejected")]
+    pairs = len(columns[0])
+    tokens_per_step = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(*columns)) / pairs * args.batch_size
+    completion_tokens_per_step = sum(len(c) + len(r) for _, c, r in zip(*columns)) / pairs * args.batch_size
     median_step = statistics.median(timed)
-    config = trainer.model.config
-    step_flops = (6 + (2 if implementation == "trl" and not options["precompute"] else 0)) \
-        * flops_per_token(config) * tokens_per_step
+    # Model FLOPs: the work the math needs, whoever does more (the output layer is needed on completion
+    # tokens only); forward + backward = 3 forwards, plus a reference forward per step where it runs then.
+    body, head = flops_per_token(trainer.model.config)
+    forward_flops = body * tokens_per_step + head * completion_tokens_per_step
+    step_flops = (3 + (1 if implementation == "trl" and not options["precompute"] else 0)) * forward_flops
     return {"config": name, "tokens_per_second": tokens_per_step / median_step, "median_step_s": median_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None,

@@ -2,9 +2,9 @@
 
 The [tokens, vocab] logits are the largest tensor of a DPO step (Mixtral's vocabulary is 32k).
 We never materialise them whole: the model returns its final hidden states, and only the
-completion tokens' rows go through the output layer, a chunk at a time, each chunk recomputed in
-backward (activation checkpointing) so that peak memory grows with the sequence, not with
-sequence x vocabulary. The gradients are exact.
+completion tokens' rows go through the output layer, a chunk at a time; beyond one chunk, each is
+recomputed in backward (activation checkpointing), so that peak memory grows with the sequence,
+not with sequence x vocabulary. The gradients are exact.
 """
 
 import torch
@@ -23,7 +23,7 @@ def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> to
 
 def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                      sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its completion tokens' log-probs, and their number ([num_sequences], >= fp32).
 
     hidden: [rows, seq, dim] final hidden states for `input_ids` [rows, seq]; `output_layer` maps them to
@@ -38,10 +38,12 @@ def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor
     if num_sequences is None:
         num_sequences = int(sequence_ids.max()) + 1
     owners = sequence_ids[:, 1:][counted]
+    # One chunk keeps its logits for backward; several are recomputed there, so only one is alive at a time.
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and labels.shape[0] > chunk_size
     chunks = []
     for start in range(0, labels.shape[0], chunk_size):
         args = (output_layer, hidden[start:start + chunk_size], labels[start:start + chunk_size])
-        if torch.is_grad_enabled() and hidden.requires_grad:
+        if recompute:
             chunks.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
             chunks.append(_token_logps(*args))
@@ -80,7 +82,7 @@ def _run_as_forward(wrapper, unwrapped, fn, inputs: dict):
         restore()
 
 
-def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 1024):
+def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 4096):
     """Run a causal LM on a collated batch: (sum_logps, num_tokens, aux_loss or None), per sequence.
 
     `model` may be a distributed wrapper of `unwrapped`; a PEFT model runs with whatever adapters are active.

@@ -15,6 +15,7 @@ the fingerprint, the row count and a sha256 of the tensors. A file that fails to
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -113,6 +114,9 @@ def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype 
     state = PartialState()
     device = state.device
     model.eval()
+    # Length-sorted padded batches waste little, where one packed row of a big batch would make sdpa attend
+    # over (and mask) the whole row: quadratic in the batch's total length.
+    collator = dataclasses.replace(collator, padding_free=False)
     all_batches = length_sorted_batches(dataset, batch_size)
     my_batches = all_batches[state.process_index::state.num_processes]  # round-robin keeps ranks balanced
     # Sharded engines gather weights inside every forward (a collective), and DDP syncs buffers: every rank
