@@ -268,8 +268,12 @@ class DPOTrainer(ResumableTrainer):
         return (loss, metrics) if return_outputs else loss
 
     def store_metrics(self, metrics: dict, mode: str) -> None:
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.reshape(-1)).mean().item())
+        """Each metric's mean over all ranks' pairs: one all-reduce and one device sync per step, not one per metric."""
+        sums = torch.stack([value.detach().float().sum() for value in metrics.values()])
+        counts = torch.tensor([float(value.numel()) for value in metrics.values()], device=sums.device)
+        sums_and_counts = self.accelerator.reduce(torch.stack([sums, counts], dim=1), reduction="sum")
+        for name, (total, count) in zip(metrics, sums_and_counts.tolist()):
+            self._metrics[mode][name].append(total / count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
