@@ -20,7 +20,7 @@ from utils.checkpointing import (GracefulInterrupt, ResumableTrainer, exit_if_in
 from utils.cli import ConfigError, parse_args, run_script, setup_logging
 from utils.data import PACKING_ATTENTION, DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
-from utils.guards import NonFiniteError, NonFiniteGuard
+from utils.guards import NonFiniteError
 from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
 from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, resolve_attn_implementation,
@@ -109,8 +109,6 @@ class DPOTrainer(ResumableTrainer):
             raise ValueError("a frozen reference model (--precompute_ref_log_probs false without LoRA) would be a "
                              "full unsharded copy on every rank under DeepSpeed/FSDP: keep the default "
                              "--precompute_ref_log_probs true, or use --use_peft")
-        self.guard = NonFiniteGuard()  # a NaN/inf loss or gradient stops training, naming the step and rows
-        self.add_callback(self.guard)
         # compute_loss returns a per-pair mean, so the Trainer must average it over accumulation steps
         self.model_accepts_loss_kwargs = False
         self.ref_model = ref_model
@@ -228,12 +226,6 @@ class DPOTrainer(ResumableTrainer):
             else:
                 sums, _, _ = model_logps(self.ref_model, inputs, chunk_size=self.args.logps_chunk_size)
         return sums.chunk(2)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.guard.add_rows(inputs.get("row_index"))
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.guard.check_loss(loss, self.state.global_step + 1)
-        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, num_tokens, aux_loss = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),

@@ -17,7 +17,6 @@ from utils.checkpointing import GracefulInterrupt, ResumableTrainer, exit_if_int
 from utils.cli import parse_args, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
-from utils.guards import NonFiniteGuard
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 
 logger = logging.getLogger("train_sft")
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None):
     trainer = ResumableTrainer(model=model, args=training_args, train_dataset=train_dataset,
                                processing_class=tokenizer,
                                data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
-                               callbacks=[interrupt, NonFiniteGuard()])  # the guard checks gradients (no row ids)
+                               callbacks=[interrupt])
     with interrupt:
         result = trainer.train(resume_from_checkpoint=resume_from)
     exit_if_interrupted(trainer, interrupt)

@@ -18,11 +18,12 @@ import threading
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from utils.cli import ConfigError
+from utils.guards import GuardedTrainer
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -131,8 +132,9 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-class ResumableTrainer(Trainer):
-    """A Trainer whose checkpoints load back into the model exactly.
+class ResumableTrainer(GuardedTrainer):
+    """The base of our trainers: guarded against non-finite losses and gradients (utils/guards.py), and
+    whose checkpoints load back into the model exactly.
 
     transformers 5.23 saves a checkpoint in the Hub layout (Mixtral: one tensor per expert,
     `block_sparse_moe.experts.N.w1`) but restores it with a plain `load_state_dict`, which matches none of

@@ -5,44 +5,43 @@ split), so that the bad pair can be found. It is raised before `optimizer.step()
 checkpoint of the bad step are written: the last checkpoint on disk is the last good one.
 """
 
+import math
+
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer
 
 
 class NonFiniteError(FloatingPointError):
     """A NaN or infinite loss or gradient; the message names the step and the rows."""
 
 
-class NonFiniteGuard(TrainerCallback):
-    """Collects the rows of the current optimizer step and checks its loss and gradients.
+class GuardedTrainer(Trainer):
+    """A Trainer that checks each micro-batch's loss and, before each optimizer step, the gradient norm the
+    Trainer computes anyway (for clipping and logging; under DeepSpeed, the engine's), so the check costs no
+    extra pass over the gradients. With fp16 the gradient scaler expects overflowing steps and skips them
+    itself, so gradients are not checked then."""
 
-    The trainer calls `add_rows` and `check_loss` from `training_step` (once per micro-batch); as a
-    callback, the guard checks the accumulated gradients at `on_pre_optimizer_step`. With fp16 the
-    gradient scaler expects overflowing steps and skips them itself, so gradients are not checked then.
-    """
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._step_rows: list[torch.Tensor] = []  # this optimizer step's row_index tensors (no device sync)
 
-    def __init__(self):
-        self.rows: list[int] = []
+    def _fail(self, what: str, value) -> None:
+        rows = sorted(torch.cat(self._step_rows).tolist()) if self._step_rows else []
+        where = f"; the step's batch holds rows {rows} of the train split" if rows else ""
+        raise NonFiniteError(f"non-finite {what} ({float(value)}) at step {self.state.global_step + 1}{where}. "
+                             f"Stopped before the optimizer step: nothing of this step was saved")
 
-    def add_rows(self, row_index: torch.Tensor | None) -> None:
-        if row_index is not None:
-            self.rows += row_index.tolist()
-
-    def fail(self, what: str, value: torch.Tensor, step: int) -> None:
-        rows = f"; the step's batch holds rows {sorted(self.rows)} of the train split" if self.rows else ""
-        raise NonFiniteError(f"non-finite {what} ({value.item()}) at step {step}{rows}. Stopped before the "
-                             f"optimizer step: nothing of this step was saved")
-
-    def check_loss(self, loss: torch.Tensor, step: int) -> None:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if inputs.get("row_index") is not None:
+            self._step_rows.append(inputs["row_index"])
+        loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
-            self.fail("loss", loss.detach().float().sum(), step)
+            self._fail("loss", loss.detach().float().sum())
+        return loss
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
-        if grads and not args.fp16:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            if not torch.isfinite(norm):
-                self.fail("gradient norm", norm, state.global_step + 1)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.rows = []
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if not self.args.fp16 and grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self._fail("gradient norm", grad_norm)
+        self._step_rows = []
+        return grad_norm
