@@ -58,7 +58,7 @@ def win_rate(policy_scores: list[float], reference_scores: list[float]) -> float
 
 
 @torch.no_grad()
-def completion_logps(model, completions, pad_token_id: int, batch_size: int) -> torch.Tensor:
+def sampled_logps(model, completions, pad_token_id: int, batch_size: int) -> torch.Tensor:
     """log pi(y|x) of each sampled completion, from the sampled token ids themselves (no re-tokenising)."""
     sums = []
     for start in range(0, len(completions), batch_size):
@@ -101,8 +101,8 @@ def evaluate_policy(args: EvalArguments) -> dict:
     reference_samples = sample(reference, tokenizer, prompts, **sampling)
     policy_scores = judge(prompts, [s.text for s in policy_samples])
     reference_scores = judge(prompts, [s.text for s in reference_samples])
-    log_ratios = (completion_logps(policy, policy_samples, tokenizer.pad_token_id, args.batch_size),
-                  completion_logps(reference, policy_samples, tokenizer.pad_token_id, args.batch_size))
+    log_ratios = (sampled_logps(policy, policy_samples, tokenizer.pad_token_id, args.batch_size),
+                  sampled_logps(reference, policy_samples, tokenizer.pad_token_id, args.batch_size))
     results = {
         "policy": args.policy_path, "reference": args.reference_path, "judge": args.judge,
         "num_prompts": args.num_prompts, "mean_reward": sum(policy_scores) / len(policy_scores),

@@ -25,8 +25,8 @@ from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
 from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, resolve_attn_implementation,
                             router_kwargs)
-from utils.reference import (REF_COLUMNS, add_reference_logps, default_cache_dir, load_cached_logps,
-                             reference_fingerprint, reference_mode)
+from utils.reference import (REF_COLUMNS, default_cache_dir, load_cached_logps, reference_fingerprint, reference_mode,
+                             score_and_cache)
 
 logger = logging.getLogger("train_dpo")
 
@@ -179,7 +179,7 @@ class DPOTrainer(ResumableTrainer):
         was_training = model.training
         with reference_mode(unwrapped):
             for split, fingerprint in pending.items():
-                self._set_split(split, add_reference_logps(
+                self._set_split(split, score_and_cache(
                     splits[split], model, self.data_collator, fingerprint=fingerprint, cache_dir=cache_dir,
                     batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped))
         model.train(was_training)

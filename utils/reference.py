@@ -234,6 +234,13 @@ def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir
     cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
     if cached is not None:
         return cached
+    return score_and_cache(dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir,
+                           batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped)
+
+
+def score_and_cache(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
+                    dtype: torch.dtype = torch.float32, unwrapped=None):
+    """Score `dataset` (no cache lookup: the caller has looked), save the cache file, add the columns."""
     chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype,
                                      desc=f"reference log-probs ({split})", unwrapped=unwrapped)
     tensors = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
