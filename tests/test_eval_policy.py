@@ -32,3 +32,20 @@ def test_policy_equal_to_reference_has_zero_kl_and_writes_json(tmp_path):
     assert results["preference_accuracy"] == 0.0  # identical models: every implicit margin is exactly zero
     assert 0.0 <= results["win_rate"] <= 1.0
     assert json.loads(output.read_text())["mean_reward"] == pytest.approx(results["mean_reward"])
+
+
+def test_sampled_logps_equal_a_plain_loop_over_the_sampled_ids():
+    """The KL's log-probs: padded batches of sampled ids (cut at eos) score like each sample alone."""
+    from helpers import loop_logps
+    from utils import toy_task
+    from utils.generation import sample
+    from utils.modeling import ModelArguments, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    model = load_model(ModelArguments(model_name_or_path="mixtral-tiny"), tokenizer).eval()
+    torch.manual_seed(0)
+    samples = sample(model, tokenizer, toy_task.make_prompts(6, seed=3), max_new_tokens=8)
+    assert len({len(s.prompt_ids) + len(s.completion_ids) for s in samples}) > 1  # padding really happens
+    scored = eval_policy.sampled_logps(model, samples, tokenizer.pad_token_id, batch_size=4)
+    for s, value in zip(samples, scored.tolist()):
+        assert value == pytest.approx(loop_logps(model, s.prompt_ids, s.completion_ids), abs=1e-4)
