@@ -8,7 +8,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
 
 from utils import modeling, toy_task
-from utils.cli import parse_args
+from utils.cli import ConfigError, parse_args
 from utils.data import DataArguments
 from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
                             resolve_attn_implementation)
@@ -245,6 +245,8 @@ def test_yaml_value_outside_choices_is_rejected(tmp_path):
     assert (data_args.truncation_mode, data_args.dataset_format) == ("keep_end", "implicit")
 
 
-def test_unknown_flag_is_rejected():
-    with pytest.raises(ValueError, match="--no_such_flag"):  # HfArgumentParser's way
+def test_unknown_flag_is_rejected_with_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--no_such_flag'\]; see --help"):
         parse_args((ModelArguments,), ["--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
+        parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])

@@ -1,5 +1,6 @@
 """Arguments: `python script.py [config.yaml] [--flag value ...]`, flags overriding the YAML file."""
 
+import difflib
 import logging
 import sys
 
@@ -31,7 +32,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ConfigError(f"{config_path}: unknown key(s) {unknown}; see --help for the valid ones")
+            raise ConfigError(f"{config_path}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; "
+                              "see --help for the valid ones")
         for action in parser._actions:  # argparse checks choices on flags only, not on defaults
             if action.choices is not None and action.dest in config and config[action.dest] not in action.choices:
                 raise ConfigError(f"{config_path}: {action.dest}: invalid choice {config[action.dest]!r} "
@@ -41,9 +43,17 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # a dataclass's own check, e.g. TrainingArguments' "At most one of fp16 and bf16"
         raise ConfigError(f"invalid arguments: {' '.join(str(error).split())}") from error
-    if unknown_flags:  # HfArgumentParser's own error, as it raises it
-        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unknown_flags}")
+    if unknown_flags:
+        flags = [arg for arg in unknown_flags if arg.startswith("-")] or unknown_flags
+        known = {option for action in parser._actions for option in action.option_strings}
+        raise ConfigError(f"unknown argument(s) {flags}{did_you_mean(flags, known)}; see --help for the valid ones")
     return tuple(parsed)
+
+
+def did_you_mean(unknown: list[str], known: set[str]) -> str:
+    """' (did you mean ...?)' naming the closest valid names to typos, or '' when none is close."""
+    close = [match for name in unknown for match in difflib.get_close_matches(name.split("=")[0], known, n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def read_config(path: str) -> dict:
