@@ -399,6 +399,21 @@ def test_concurrent_writers_of_one_cache_file_do_not_corrupt_it(tmp_path):
     assert os.listdir(tmp_path) == ["same.safetensors"]  # no temporary files left behind
 
 
+def test_temp_files_of_killed_writers_are_removed_by_the_next_save(tmp_path):
+    path = str(tmp_path / "fp.safetensors")
+    orphaned, in_flight, unrelated = (tmp_path / name for name in ("fp.safetensors.dead.tmp",
+                                                                   "fp.safetensors.busy.tmp",
+                                                                   "other.safetensors.dead.tmp"))
+    for temp in (orphaned, in_flight, unrelated):
+        temp.write_bytes(b"half a file")
+    two_hours_ago = time.time() - 7200
+    os.utime(orphaned, (two_hours_ago, two_hours_ago))  # a writer SIGKILLed mid-write, long ago
+    os.utime(unrelated, (two_hours_ago, two_hours_ago))
+    reference.save_cache(path, {"ref_chosen_logps": torch.zeros(3), "ref_rejected_logps": torch.ones(3)}, "fp")
+    assert sorted(os.listdir(tmp_path)) == ["fp.safetensors", "fp.safetensors.busy.tmp",  # maybe still writing
+                                            "other.safetensors.dead.tmp"]  # another file's, left to its writer
+
+
 # ------------------------------------------------------------------------------------ numerical guards
 
 def test_non_finite_loss_stops_naming_step_and_rows(tmp_path, monkeypatch):

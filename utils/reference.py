@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 
 import pyarrow.compute as pc
 import torch
@@ -173,6 +174,21 @@ def save_cache(path: str, tensors: dict[str, torch.Tensor], fingerprint: str) ->
     finally:
         if os.path.exists(tmp_path):  # the write failed: leave no stray temporary file
             os.remove(tmp_path)
+    remove_orphaned_temp_files(path)
+
+
+def remove_orphaned_temp_files(path: str, min_age_s: float = 3600.0) -> None:
+    """Delete temporary files of `path` left by writers that were killed mid-write (a SIGKILL skips the
+    `finally` above). A write takes well under a second, so one untouched for an hour has no writer left;
+    younger ones may belong to a concurrent writer and stay."""
+    directory, prefix = os.path.dirname(path) or ".", os.path.basename(path) + "."
+    now = time.time()
+    for name in os.listdir(directory):
+        candidate = os.path.join(directory, name)
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):  # another writer may clean up at the same moment
+                if now - os.path.getmtime(candidate) > min_age_s:
+                    os.remove(candidate)
 
 
 def load_cache(path: str, fingerprint: str, rows: int) -> tuple[dict[str, torch.Tensor] | None, str]:
