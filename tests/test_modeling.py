@@ -213,6 +213,32 @@ def write_yaml(tmp_path, text):
     return str(path)
 
 
+def test_moe_experts_compute_in_the_autocast_dtype(tokenizer):
+    # transformers' grouped_mm experts alone would stay in float32 under bf16 autocast (--bf16)
+    model = tiny(tokenizer)
+    assert model.config._experts_implementation == "autocast_grouped_mm"
+    experts = model.model.layers[0].mlp.experts
+    bf16_experts = copy.deepcopy(experts).to(torch.bfloat16)  # what autocast should compute: bf16 weights
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, experts.hidden_dim, generator=generator)
+    top_k_index = torch.randint(0, experts.num_experts, (24, 2), generator=generator)
+    top_k_weights = torch.rand(24, 2, generator=generator)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = experts(hidden, top_k_index, top_k_weights)
+    expected = bf16_experts(hidden.bfloat16(), top_k_index, top_k_weights)
+    assert output.dtype == torch.float32  # the residual stream keeps its dtype
+    torch.testing.assert_close(output, expected.float(), rtol=0, atol=0)
+    assert not torch.allclose(output, experts(hidden, top_k_index, top_k_weights), rtol=0, atol=1e-6)  # not fp32
+
+    output.square().sum().backward()
+    expected.float().square().sum().backward()
+    for name in ("gate_up_proj", "down_proj"):  # gradients reach the float32 weights through the cast
+        grad, expected_grad = getattr(experts, name).grad, getattr(bf16_experts, name).grad
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected_grad.float(), rtol=0, atol=0)
+
+
 def test_yaml_then_flags_flags_win(tmp_path):
     config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlora_r: 4\nuse_peft: true\n"
                                   "lora_target_modules: [q_proj, v_proj]\neval_fraction: 0.1\nmax_length: 64\n")

@@ -1,6 +1,6 @@
 """Tokenizer and policy: a seeded Mixtral-style preset built from a config, or any checkpoint.
 
-This module alone decides the attention implementation, the weights' dtype and the LoRA setup.
+This module alone decides the attention and experts implementations, the weights' dtype and the LoRA setup.
 """
 
 import copy
@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, MixtralConfig,
                           PreTrainedTokenizerFast)
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from utils import toy_task
 
@@ -126,6 +127,28 @@ def preset_config(name: str, tokenizer) -> MixtralConfig:
                          eos_token_id=tokenizer.eos_token_id, **kwargs)
 
 
+def autocast_grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts, computed in autocast's dtype while autocast is on.
+
+    torch's grouped_mm is not autocast-enabled and transformers casts its input to the weights' dtype, so
+    float32 weights under bf16 autocast (the Trainer's --bf16) ran the experts, most of a MoE layer's FLOPs,
+    in float32. We cast the expert weights as autocast casts an nn.Linear's (gradients reach the float32
+    weights through the cast)."""
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weights = {name: weight.to(dtype) for name, weight in self.named_parameters(recurse=False)
+                   if weight.is_floating_point() and weight.dtype != dtype}
+        if weights:  # call again on the cast weights: then this branch finds none left to cast
+            output = torch.func.functional_call(self, weights, (hidden_states.to(dtype), top_k_index, top_k_weights))
+            return output.to(hidden_states.dtype)
+    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+AUTOCAST_GROUPED_MM = "autocast_grouped_mm"
+ALL_EXPERTS_FUNCTIONS.register(AUTOCAST_GROUPED_MM, autocast_grouped_mm_experts_forward)
+
+
 def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
     """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
@@ -154,6 +177,8 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
                                            **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":  # transformers' default for MoE
+        model.set_experts_implementation(AUTOCAST_GROUPED_MM)
     logger.info("model %s: %.1fM parameters, dtype %s, attention %s", args.model_name_or_path,
                 model.num_parameters() / 1e6, model.dtype, attn)
     return model

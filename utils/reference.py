@@ -89,6 +89,7 @@ def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dt
         "truncation_mode": data_args.truncation_mode,
         "dtype": str(dtype),
         "attn_implementation": model.config._attn_implementation,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
     }
     if getattr(model_args, "load_in_fp8", False):  # an FP8 base scores otherwise than its bf16 checkpoint
         identity["quantization"] = "fp8-block128"
