@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from helpers import loop_logps
+from utils import logprobs
 from utils.logprobs import completion_logps, model_logps
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 
@@ -34,8 +35,10 @@ def test_values_equal_a_token_by_token_loop():
         assert counts[row].item() == completion_mask[row].sum().item()
 
 
+@pytest.mark.parametrize("softmax_rows", [2, logprobs.CPU_SOFTMAX_ROWS])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
-def test_chunked_gradients_equal_the_plain_computation(chunk_size):
+def test_chunked_gradients_equal_the_plain_computation(chunk_size, softmax_rows, monkeypatch):
+    monkeypatch.setattr(logprobs, "CPU_SOFTMAX_ROWS", softmax_rows)  # 2: a chunk's logits in several slices
     hidden, output_layer, input_ids, completion_mask = random_case(seed=1)
     weights = torch.randn(3, dtype=torch.float64)
     sums, _ = completion_logps(hidden, output_layer, input_ids, completion_mask, chunk_size=chunk_size)

@@ -14,11 +14,20 @@ from torch.utils.checkpoint import checkpoint
 from utils.modeling import router_kwargs
 
 
+# On CPU the log-softmax runs on slices of this many rows of a chunk's logits ([128, 32k] float32 is 16 MB):
+# whole [tokens, vocab] passes stream through memory and, in bf16, cost more than the output layer's matmul.
+CPU_SOFTMAX_ROWS = 128
+
+
 def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = output_layer(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 logits: softmax in fp32
-    # gather - logsumexp is log_softmax at the label without a second [tokens, vocab] tensor
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    rows = CPU_SOFTMAX_ROWS if logits.device.type == "cpu" else max(1, logits.shape[0])  # GPU: one kernel
+    float_dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: softmax in fp32
+    token_logps = []
+    for logits_rows, label_rows in zip(logits.split(rows), labels.split(rows)):  # split's backward: one cat
+        logprobs = torch.log_softmax(logits_rows.to(float_dtype), dim=-1)
+        token_logps.append(logprobs.gather(-1, label_rows.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(token_logps)
 
 
 def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_mask: torch.Tensor,
