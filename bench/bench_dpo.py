@@ -12,6 +12,7 @@ ours' peak resident memory over TRL default's.)
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -143,17 +144,10 @@ def run_worker(args, name: str, workdir: str) -> dict:
                   logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True,
                   dataloader_pin_memory=False, seed=0, use_cpu=device().type == "cpu")  # bf16 on CPU needs use_cpu
     timer = StepTimer()
-    if implementation == "ours":
-        trainer, ref_seconds = build_ours(args, options, model_dir, data_file, common, timer, workdir)
-    else:
-        trainer, ref_seconds = build_trl(args, options, model_dir, data_file, common, timer)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            trainer.train()
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
-    else:
+    build = build_ours if implementation == "ours" else build_trl
+    with profiled(args.profile, "setup, reference scoring included"):
+        trainer, ref_seconds = build(args, options, model_dir, data_file, common, timer)
+    with profiled(args.profile, "training"):
         trainer.train()
     timed = timer.steps[args.warmup:]
     prefix = "" if implementation == "trl" else "input_"
@@ -167,13 +161,30 @@ def run_worker(args, name: str, workdir: str) -> dict:
     body, head = flops_per_token(trainer.model.config)
     forward_flops = body * tokens_per_step + head * completion_tokens_per_step
     step_flops = (3 + (1 if implementation == "trl" and not options["precompute"] else 0)) * forward_flops
+    # Scoring is one forward over every pair: the same model FLOPs per pair as a step's forward.
+    scoring_gflops = forward_flops / args.batch_size * pairs / ref_seconds / 1e9 if ref_seconds else None
     return {"config": name, "tokens_per_second": tokens_per_step / median_step, "median_step_s": median_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None,
-            "ref_scoring_s": ref_seconds, "achieved_gflops": step_flops / median_step / 1e9}
+            "ref_scoring_s": ref_seconds, "scoring_gflops": scoring_gflops,
+            "achieved_gflops": step_flops / median_step / 1e9}
 
 
-def build_ours(args, options, model_dir, data_file, common, timer, workdir):
+@contextlib.contextmanager
+def profiled(enabled: bool, phase: str):
+    """The PyTorch profiler's top ops of one phase, printed to stderr (the driver shows them)."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        yield
+    print(f"[{phase}]\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
+          file=sys.stderr)
+
+
+def build_ours(args, options, model_dir, data_file, common, timer):
     import torch
 
     from train_dpo import DPOArguments, DPOTrainer
@@ -248,17 +259,20 @@ def main():
         if output.returncode != 0:
             sys.exit(f"{name} failed:\n{output.stderr[-4000:]}")
         if args.profile:
-            print(f"--- profile: {name}\n{output.stderr[-6000:]}")
+            print(f"--- profile: {name}\n{output.stderr[-12000:]}")
         line = next(line for line in output.stdout.splitlines() if line.startswith("RESULT "))
         results[name] = json.loads(line[len("RESULT "):])
 
-    print(f"\n| config | tokens/s | median s/step | peak RSS MB | peak GPU MB | ref scoring s | MFU ({args.precision}) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n| config | tokens/s | median s/step | peak RSS MB | peak GPU MB | ref scoring s | MFU ({args.precision}) "
+          f"| ref scoring MFU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
-        ref = f"{r['ref_scoring_s']:.1f}" if r["ref_scoring_s"] is not None else "every step"
+        scored = r["ref_scoring_s"] is not None
+        ref = f"{r['ref_scoring_s']:.1f}" if scored else "every step"
+        ref_mfu = f"{100 * r['scoring_gflops'] / peak:.1f}%" if scored else "-"
         gpu = f"{r['peak_gpu_mb']:.0f}" if r["peak_gpu_mb"] is not None else "-"
         print(f"| {name} | {r['tokens_per_second']:.0f} | {r['median_step_s']:.3f} | {r['peak_rss_mb']:.0f} | {gpu} | "
-              f"{ref} | {100 * r['achieved_gflops'] / peak:.1f}% |")
+              f"{ref} | {100 * r['achieved_gflops'] / peak:.1f}% | {ref_mfu} |")
     ours = results.get("ours_padding_free") or results.get("ours_padded")
     ratios = {}
     if ours and "trl" in results:
