@@ -38,9 +38,9 @@ class DPOArguments(TrainingArguments):
     learning_rate: float = 1e-6
     logging_steps: float = 10
     remove_unused_columns: bool = False  # the collator needs the token-id and reference columns
-    bf16: bool | None = field(
+    bf16: bool | None = field(  # nargs/const: a bare --bf16 means true, as for the Trainer's other bool flags
         default=None, metadata={"help": "bf16 mixed precision (reference scoring too); default: on where CUDA "
-                                        "supports it."})
+                                        "supports it.", "nargs": "?", "const": True})
     beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
     loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)})
     label_smoothing: float = field(

@@ -7,6 +7,7 @@ import train_dpo
 from helpers import loop_logps
 from train_dpo import DPOArguments, DPOTrainer
 from utils import reference
+from utils.cli import parse_args
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import ModelArguments, load_model, load_tokenizer
 
@@ -173,3 +174,10 @@ def test_padding_free_gives_the_padded_loss_and_gradients(tmp_path):
     assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--bf16"], True), (["--bf16", "false"], False)],
+                         ids=["default-on-cpu", "bare-flag", "explicit-false"])
+def test_bf16_flag_parses_like_the_trainers_other_bool_flags(flags, expected):
+    (args,) = parse_args((DPOArguments,), [*flags, "--use_cpu"])
+    assert args.bf16 is expected
