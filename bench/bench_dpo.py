@@ -12,7 +12,6 @@ ours' peak resident memory over TRL default's.)
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -116,20 +115,62 @@ def flops_per_token(config) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ one worker
 
-class StepTimer:
-    def __init__(self):
+class Phases:
+    """Times (and with --profile profiles) the two phases of a run: the reference scoring, wherever the
+    trainer does it, and the training steps."""
+
+    def __init__(self, profile: bool):
         from transformers import TrainerCallback
 
-        timer = self
+        self.profile, self.steps, self.scoring_seconds, self.profiler = profile, [], 0.0, None
+        phases = self
 
         class Callback(TrainerCallback):
+            def on_train_begin(self, *args, **kwargs):  # after the model is prepared (and ours has scored)
+                phases.profiler = start_profiler() if profile else None
+
             def on_step_begin(self, *args, **kwargs):
-                timer.start = time.perf_counter()
+                phases.start = time.perf_counter()
 
             def on_step_end(self, *args, **kwargs):
-                timer.steps.append(time.perf_counter() - timer.start)
+                phases.steps.append(time.perf_counter() - phases.start)
 
-        self.steps, self.callback = [], Callback()
+            def on_train_end(self, *args, **kwargs):
+                if phases.profiler is not None:
+                    print_profile(phases.profiler, "training")
+
+        self.callback = Callback()
+
+    def time_scoring(self, cls, method: str) -> None:
+        """Make `cls.method`, the trainer's reference scoring, count (and be profiled) as the scoring phase."""
+        original = getattr(cls, method)
+        phases = self
+
+        def timed(trainer, *args, **kwargs):
+            profiler = start_profiler() if phases.profile else None
+            start = time.perf_counter()
+            result = original(trainer, *args, **kwargs)
+            phases.scoring_seconds += time.perf_counter() - start
+            if profiler is not None:
+                print_profile(profiler, "reference scoring")
+            return result
+
+        setattr(cls, method, timed)
+
+
+def start_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    profiler.start()
+    return profiler
+
+
+def print_profile(profiler, phase: str) -> None:
+    """The PyTorch profiler's top ops of one phase, printed to stderr (the driver shows them)."""
+    profiler.stop()
+    print(f"[{phase}]\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
+          file=sys.stderr)
 
 
 def run_worker(args, name: str, workdir: str) -> dict:
@@ -143,13 +184,13 @@ def run_worker(args, name: str, workdir: str) -> dict:
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, bf16=args.precision == "bf16",
                   logging_steps=10 ** 6, save_strategy="no", report_to="none", disable_tqdm=True,
                   dataloader_pin_memory=False, seed=0, use_cpu=device().type == "cpu")  # bf16 on CPU needs use_cpu
-    timer = StepTimer()
+    phases = Phases(args.profile)
     build = build_ours if implementation == "ours" else build_trl
-    with profiled(args.profile, "setup, reference scoring included"):
-        trainer, ref_seconds = build(args, options, model_dir, data_file, common, timer)
-    with profiled(args.profile, "training"):
-        trainer.train()
-    timed = timer.steps[args.warmup:]
+    trainer = build(args, options, model_dir, data_file, common, phases)
+    trainer.train()
+    scored = implementation == "ours" or options["precompute"]
+    ref_seconds = phases.scoring_seconds if scored else None
+    timed = phases.steps[args.warmup:]
     prefix = "" if implementation == "trl" else "input_"
     columns = [trainer.train_dataset[f"{side}_{prefix}ids"] for side in ("prompt", "chosen", "rejected")]
     pairs = len(columns[0])
@@ -160,9 +201,9 @@ def run_worker(args, name: str, workdir: str) -> dict:
     # tokens only); forward + backward = 3 forwards, plus a reference forward per step where it runs then.
     body, head = flops_per_token(trainer.model.config)
     forward_flops = body * tokens_per_step + head * completion_tokens_per_step
-    step_flops = (3 + (1 if implementation == "trl" and not options["precompute"] else 0)) * forward_flops
+    step_flops = (3 + (0 if scored else 1)) * forward_flops
     # Scoring is one forward over every pair: the same model FLOPs per pair as a step's forward.
-    scoring_gflops = forward_flops / args.batch_size * pairs / ref_seconds / 1e9 if ref_seconds else None
+    scoring_gflops = forward_flops / args.batch_size * pairs / ref_seconds / 1e9 if scored else None
     return {"config": name, "tokens_per_second": tokens_per_step / median_step, "median_step_s": median_step,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None,
@@ -170,27 +211,12 @@ def run_worker(args, name: str, workdir: str) -> dict:
             "achieved_gflops": step_flops / median_step / 1e9}
 
 
-@contextlib.contextmanager
-def profiled(enabled: bool, phase: str):
-    """The PyTorch profiler's top ops of one phase, printed to stderr (the driver shows them)."""
-    if not enabled:
-        yield
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        yield
-    print(f"[{phase}]\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
-          file=sys.stderr)
-
-
-def build_ours(args, options, model_dir, data_file, common, timer):
-    import torch
-
+def build_ours(args, options, model_dir, data_file, common, phases):
+    """train_dpo.py's DPOTrainer as the script builds it: it scores the reference inside train(), once
+    accelerate has prepared the model, into an empty cache (a real scoring)."""
     from train_dpo import DPOArguments, DPOTrainer
     from utils.data import DataArguments, PreferenceCollator, load_preference_data
     from utils.modeling import ModelArguments, load_model, load_tokenizer
-    from utils.reference import add_reference_columns
 
     model_args = ModelArguments(model_name_or_path=model_dir)
     data_args = DataArguments(dataset_name=data_file, max_length=args.max_length)
@@ -198,39 +224,25 @@ def build_ours(args, options, model_dir, data_file, common, timer):
     model = load_model(model_args, tokenizer)
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=options["padding_free"])
     dataset = load_preference_data(data_args, tokenizer)
-    start = time.perf_counter()
-    dataset = add_reference_columns(model, dataset, collator, model_args=model_args, data_args=data_args,
-                                    device=device(), batch_size=4 * args.batch_size,
-                                    cache_dir=os.path.join(common["output_dir"], "ref_cache"),  # empty: a real scoring
-                                    dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
-    ref_seconds = time.perf_counter() - start
-    dpo_args = DPOArguments(padding_free=options["padding_free"], **common)
-    trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=dataset["train"], data_collator=collator,
-                         processing_class=tokenizer, callbacks=[timer.callback])
-    return trainer, ref_seconds
+    phases.time_scoring(DPOTrainer, "score_reference")
+    dpo_args = DPOArguments(padding_free=options["padding_free"], precompute_ref_batch_size=4 * args.batch_size,
+                            ref_logps_cache_dir=os.path.join(common["output_dir"], "ref_cache"), **common)
+    return DPOTrainer(model=model, args=dpo_args, train_dataset=dataset["train"], data_collator=collator,
+                      processing_class=tokenizer, callbacks=[phases.callback], model_args=model_args,
+                      data_args=data_args)
 
 
-def build_trl(args, options, model_dir, data_file, common, timer):
+def build_trl(args, options, model_dir, data_file, common, phases):
     import datasets
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    ref_seconds = {"total": 0.0}
-    precompute = DPOTrainer._precompute_ref_logps
-
-    def timed_precompute(self, *a, **k):
-        start = time.perf_counter()
-        result = precompute(self, *a, **k)
-        ref_seconds["total"] += time.perf_counter() - start
-        return result
-
-    DPOTrainer._precompute_ref_logps = timed_precompute
+    phases.time_scoring(DPOTrainer, "_precompute_ref_logps")  # runs inside DPOTrainer.__init__
     config = DPOConfig(precompute_ref_log_probs=options["precompute"], precompute_ref_batch_size=4 * args.batch_size,
                        max_length=args.max_length, gradient_checkpointing=False, **common)
-    trainer = DPOTrainer(model=model_dir, args=config, processing_class=AutoTokenizer.from_pretrained(model_dir),
-                         train_dataset=datasets.load_dataset("json", data_files=data_file)["train"],
-                         callbacks=[timer.callback])
-    return trainer, ref_seconds["total"] if options["precompute"] else None
+    return DPOTrainer(model=model_dir, args=config, processing_class=AutoTokenizer.from_pretrained(model_dir),
+                      train_dataset=datasets.load_dataset("json", data_files=data_file)["train"],
+                      callbacks=[phases.callback])
 
 
 # ---------------------------------------------------------------------------------------------- driver
