@@ -177,7 +177,9 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
                                            **extra)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":  # transformers' default for MoE
+    # transformers' default for MoE; quantized experts (FP8) dispatch through their own implementations
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm" \
+            and getattr(model, "hf_quantizer", None) is None:
         model.set_experts_implementation(AUTOCAST_GROUPED_MM)
     logger.info("model %s: %.1fM parameters, dtype %s, attention %s", args.model_name_or_path,
                 model.num_parameters() / 1e6, model.dtype, attn)
