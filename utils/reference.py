@@ -244,17 +244,6 @@ def load_cached_logps(dataset, *, fingerprint: str, cache_dir: str, split: str):
     return _with_reference_columns(dataset, tensors)
 
 
-def add_reference_logps(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
-                        dtype: torch.dtype = torch.float32, unwrapped=None):
-    """`dataset` plus columns ref_chosen_logps / ref_rejected_logps, loaded from the cache or computed and saved
-    (by the main process alone). `model` may be a distributed wrapper of `unwrapped`."""
-    cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
-    if cached is not None:
-        return cached
-    return score_and_cache(dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir,
-                           batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped)
-
-
 def score_and_cache(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
                     dtype: torch.dtype = torch.float32, unwrapped=None):
     """Score `dataset` (no cache lookup: the caller has looked), save the cache file, add the columns."""
@@ -278,13 +267,14 @@ def add_reference_columns(model, dataset_dict, collator, *, model_args, data_arg
     """Every split of `dataset_dict` with its reference log-prob columns, scored by the initial `model`
     (with LoRA: the base model under it, adapters disabled) at the training's precision `dtype`.
 
-    The plain single-model path (tests, benchmarks); train_dpo.DPOTrainer scores through the model as the
-    Trainer's engine prepared it instead."""
+    The plain single-model path (tests); train_dpo.DPOTrainer scores through the model as the Trainer's
+    engine prepared it instead."""
     model.to(device)
     with reference_mode(model):
-        for split in dataset_dict:
-            fingerprint = reference_fingerprint(model_args, model, dataset_dict[split], data_args, dtype)
-            dataset_dict[split] = add_reference_logps(dataset_dict[split], model, collator, fingerprint=fingerprint,
-                                                      cache_dir=cache_dir, batch_size=batch_size, split=split,
-                                                      dtype=dtype)
+        for split, dataset in dataset_dict.items():
+            fingerprint = reference_fingerprint(model_args, model, dataset, data_args, dtype)
+            cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
+            dataset_dict[split] = cached if cached is not None else score_and_cache(
+                dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir, batch_size=batch_size,
+                split=split, dtype=dtype)
     return dataset_dict
