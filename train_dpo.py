@@ -17,7 +17,7 @@ from transformers import TrainingArguments
 from utils import toy_task
 from utils.checkpointing import (GracefulInterrupt, ResumableTrainer, exit_if_interrupted, latest_checkpoint,
                                  resolve_resume)
-from utils.cli import ConfigError, parse_args, run_script, setup_logging
+from utils.cli import ConfigError, parse_args, report_metrics, run_script, setup_logging
 from utils.data import PACKING_ATTENTION, DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
 from utils.guards import NonFiniteError
@@ -334,12 +334,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         logger.error("last good checkpoint: %s", latest_checkpoint(args.output_dir) or "none saved")
         raise
     exit_if_interrupted(trainer, interrupt)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    if "test" in dataset:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    report_metrics(trainer, result, evaluate="test" in dataset)
     if args.toy_reward_prompts:
         reward_after = toy_reward_report(model, tokenizer, args.toy_reward_prompts, args.seed + 1, "after")
         logger.info("mean ground-truth reward: %.3f before DPO -> %.3f after", reward_before, reward_after)

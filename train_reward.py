@@ -14,7 +14,7 @@ from accelerate.utils import is_peft_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl import RewardConfig, RewardTrainer
 
-from utils.cli import parse_args, run_script, setup_logging
+from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
 
@@ -107,12 +107,8 @@ def main(argv: list[str] | None = None):
     else:
         trainer = RewardTrainer(**trainer_kwargs)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    if "test" in pairs:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    metrics = report_metrics(trainer, result, evaluate="test" in pairs)
+    if metrics is not None:
         logger.info("held-out pairwise accuracy: %.3f on %d pairs", metrics["eval_accuracy"], len(pairs["test"]))
 
     if model_args.use_peft:

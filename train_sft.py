@@ -14,7 +14,7 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from utils import toy_task
 from utils.checkpointing import GracefulInterrupt, ResumableTrainer, exit_if_interrupted, resolve_resume
-from utils.cli import parse_args, run_script, setup_logging
+from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None):
     if model_args.use_peft:  # DPO and PPO start from a full model: fold the adapters into the weights
         model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    report_metrics(trainer, result, evaluate=False)
     trainer.save_state()
 
     prompts = toy_task.make_prompts(training_args.num_samples_to_show, seed=data_args.toy_seed + 7)

@@ -95,3 +95,16 @@ def setup_logging(training_args) -> None:
                         handlers=[logging.StreamHandler(sys.stdout)], level=level, force=True)
     transformers.utils.logging.set_verbosity(max(training_args.get_process_log_level(), logging.WARNING))
     datasets.utils.logging.set_verbosity(logging.WARNING)
+
+
+def report_metrics(trainer, train_result, evaluate: bool) -> dict | None:
+    """Log the run's train metrics and, with `evaluate`, a final evaluation's, each also saved as
+    `<split>_results.json` in the output folder; returns the evaluation's metrics."""
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    if not evaluate:
+        return None
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
