@@ -1,5 +1,6 @@
 """utils/data.py: loading, format normalisation, tokenisation, truncation, collation and errors."""
 
+import copy
 import logging
 import re
 
@@ -10,6 +11,7 @@ from datasets import Dataset
 from utils import toy_task
 from utils.cli import parse_args
 from utils.data import DataArguments, DataError, PreferenceCollator, load_preference_data, prepare_split
+from utils.modeling import toy_tokenizer
 
 EXPLICIT_ROWS = [
     {"prompt": "i saw this film with my sister.", "chosen": " the acting was wonderful.",
@@ -174,9 +176,19 @@ HH_CASES = [
                  "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant: No.",
                  "\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: tell me a joke\n\nAssistant:",
                  " Why did the chicken cross the road?", " No.", id="multi-turn"),
-    # the answers share words: those belong to the prompt; a shared part-word does not
+    # the prompt ends at the last assistant turn both share: words the answers share belong to the answers
     pytest.param("\n\nHuman: How is it?\n\nAssistant: It is fine", "\n\nHuman: How is it?\n\nAssistant: It is four",
-                 "\n\nHuman: How is it?\n\nAssistant: It is", " fine", " four", id="diverge-mid-word"),
+                 "\n\nHuman: How is it?\n\nAssistant:", " It is fine", " It is four", id="answers-share-words"),
+    pytest.param("\n\nHuman: Can you?\n\nAssistant: Sure.", "\n\nHuman: Can you?\n\nAssistant: Sure. But no.",
+                 "\n\nHuman: Can you?\n\nAssistant:", " Sure.", " Sure. But no.", id="answer-is-prefix-of-other"),
+    pytest.param("\n\nHuman: hi\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: No.",
+                 "\n\nHuman: hi\n\nAssistant: go away.", "\n\nHuman: hi\n\nAssistant:",
+                 " hello!\n\nHuman: a joke?\n\nAssistant: No.", " go away.", id="differ-in-an-earlier-turn"),
+    # no assistant turn marked: the shared prefix back to a word boundary before the shorter text ends
+    pytest.param("Review: It is fine", "Review: It is four", "Review: It is", " fine", " four",
+                 id="unmarked-diverge-mid-word"),
+    pytest.param("Review: Sure.", "Review: Sure. But no.", "Review:", " Sure.", " Sure. But no.",
+                 id="unmarked-answer-is-prefix-of-other"),
 ]
 
 
@@ -189,6 +201,16 @@ def test_implicit_prompt_extraction(chosen, rejected, prompt, chosen_completion,
     eos = tokenizer.eos_token_id
     assert row["prompt_input_ids"] + row["chosen_input_ids"] == tokenizer(chosen)["input_ids"] + [eos]
     assert row["prompt_input_ids"] + row["rejected_input_ids"] == tokenizer(rejected)["input_ids"] + [eos]
+
+
+def test_identical_implicit_pairs_are_dropped_with_a_warning(rows_file, tokenizer, caplog):
+    same = "\n\nHuman: hi\n\nAssistant: hello"
+    path = rows_file("hh.jsonl", [HH_GOOD, {"chosen": same, "rejected": same}])
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        (row,) = load_preference_data(DataArguments(dataset_name=path), tokenizer)["train"]
+    assert (row["chosen"], row["rejected"], row["row_index"]) == (" hello", " go away", 0)
+    assert any("dropped 1 of 2 pairs whose chosen equals rejected" in r.getMessage() for r in caplog.records), \
+        caplog.text
 
 
 # ------------------------------------------------------------------------------------- conversational
@@ -251,6 +273,48 @@ def test_completion_tokenised_alone_when_a_token_would_straddle_the_boundary(tok
     assert row["prompt_input_ids"] == tokenizer("Review: ")["input_ids"]
     assert row["chosen_input_ids"] == ids(tokenizer, "great") + [tokenizer.eos_token_id]
     assert tokenizer.decode(row["prompt_input_ids"] + row["chosen_input_ids"]) == "Review: great" + tokenizer.eos_token
+
+
+SPECIAL_TOKEN_SETTINGS = [pytest.param(True, False, id="bos"), pytest.param(True, True, id="bos+eos"),
+                          pytest.param(False, True, id="eos")]
+
+
+def toy_tokenizer_adding(bos: bool, eos: bool):
+    """The toy tokenizer with a Llama-style post-processor (add_bos_token / add_eos_token)."""
+    special = copy.deepcopy(toy_tokenizer())
+    special.add_bos_token, special.add_eos_token = bos, eos
+    text_ids = ids(special, "i saw it.")
+    assert special("i saw it.")["input_ids"] == [special.bos_token_id] * bos + text_ids + [special.eos_token_id] * eos
+    return special
+
+
+@pytest.mark.parametrize("bos, eos", SPECIAL_TOKEN_SETTINGS)
+def test_sequence_is_bos_prompt_completion_and_one_eos_whatever_the_special_token_settings(bos, eos, tokenizer):
+    special = toy_tokenizer_adding(bos, eos)
+    plain_rows, special_rows = ([*prepare(EXPLICIT_ROWS, each), *prepare([HH_GOOD], each)]
+                                for each in (tokenizer, special))
+    bos_ids = [special.bos_token_id] * bos
+    for plain_row, row in zip(plain_rows, special_rows, strict=True):
+        # the toy tokenizer's ids (which it tokenises without special tokens), with bos in front where it adds one
+        assert row["prompt_input_ids"] == bos_ids + plain_row["prompt_input_ids"]
+        for side in ("chosen", "rejected"):
+            assert row[f"{side}_input_ids"] == plain_row[f"{side}_input_ids"]
+            sequence = row["prompt_input_ids"] + row[f"{side}_input_ids"]
+            assert sequence == bos_ids + ids(special, row["prompt"] + row[side]) + [special.eos_token_id]
+            assert sequence.count(special.eos_token_id) == 1 and sequence.count(special.bos_token_id) == bos
+
+
+def test_keep_end_keeps_bos_when_it_cuts_the_prompt(tokenizer):
+    special = toy_tokenizer_adding(bos=True, eos=True)
+    rows = [{"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " very bad."}]
+    (full,) = untruncated(rows, tokenizer)
+    max_length = 16
+    (row,) = prepare(rows, special, max_length=max_length, truncation_mode="keep_end")
+    longest = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
+    kept = max_length - longest - 1  # the prompt's tokens after bos
+    assert row["prompt_input_ids"] == [special.bos_token_id] + full["prompt_input_ids"][-kept:]
+    assert (row["chosen_input_ids"], row["rejected_input_ids"]) == (full["chosen_input_ids"],
+                                                                    full["rejected_input_ids"])
 
 
 # ------------------------------------------------------------------------------------------- collator
@@ -353,6 +417,30 @@ def test_keep_end_keeps_half_for_the_prompt_then_cuts_completions(tokenizer):
     assert row["rejected_input_ids"] == full["rejected_input_ids"][:room]
 
 
+TRUNCATED_ALIKE = {"prompt": "i saw it.", "chosen": " the acting was wonderful.", "rejected": " the acting was awful."}
+
+
+def test_pairs_identical_after_truncation_are_dropped_with_a_warning(tokenizer, caplog):
+    rows = [TRUNCATED_ALIKE, {**GOOD, "rejected": GOOD["chosen"]}, GOOD]
+    (full,) = untruncated([TRUNCATED_ALIKE], tokenizer)
+    shared = 0  # leading completion tokens the two answers have in common
+    while full["chosen_input_ids"][shared] == full["rejected_input_ids"][shared]:
+        shared += 1
+    max_length = len(full["prompt_input_ids"]) + shared
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer, max_length=max_length)
+    assert texts(data) == [GOOD] and data["row_index"] == [2]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("dropped 1 of 3 pairs whose chosen equals rejected" in m for m in messages), caplog.text
+    assert any(f"dropped 1 of 3 pairs whose chosen and rejected differ as texts but not as the tokens kept by "
+               f"max_length {max_length}" in m for m in messages), caplog.text
+    # one more token tells the answers apart: nothing dropped for truncation
+    assert len(prepare(rows, tokenizer, max_length=max_length + 1)) == 2
+    with pytest.raises(DataError, match=rf"all 1 pairs have chosen identical to rejected, as texts or as the tokens "
+                                        rf"kept by max_length {max_length}: nothing to learn from"):
+        prepare([TRUNCATED_ALIKE], tokenizer, max_length=max_length)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}
@@ -367,8 +455,8 @@ ERROR_CASES = [
     pytest.param([GOOD, {**GOOD, "chosen": None}], 1, "chosen", "must be a str", id="null-chosen"),
     pytest.param([{**GOOD, "rejected": 3}, {**GOOD, "rejected": 4}], 0, "rejected", "must be a str, got int",
                  id="int-rejected"),
-    pytest.param([HH_GOOD, {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: yes "
-                  "indeed"}], 1, "chosen", "empty completion", id="implicit-chosen-is-the-shared-prefix"),
+    pytest.param([HH_GOOD, {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: yes"}], 1,
+                 "chosen", "empty completion", id="implicit-chosen-has-no-answer"),
     pytest.param([HH_GOOD, {"chosen": "hello there", "rejected": "goodbye"}], 1, "chosen", "share no prompt",
                  id="implicit-no-shared-prompt"),
     pytest.param([CONV_GOOD, {**CONV_GOOD, "rejected": [{"role": "human", "content": "hi"}, assistant("no")]}], 1,

@@ -7,6 +7,7 @@ The prompt/completion boundary is decided here, once, at tokenisation: every oth
 
 import json
 import logging
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # transformers 5.23 keeps packed sequences apart from `position_ids` only with these, and only when
 # attention_mask is None and no KV cache is made (seen on Mixtral: with a cache they attend to each other).
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+IMPLICIT_ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's marker of an assistant turn
 
 
 class DataError(ValueError):
@@ -166,11 +168,16 @@ def _check_messages(messages: list, where: str, column: str) -> None:
 
 
 def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """HH-RLHF style: the shared prefix is the prompt, cut back to a whitespace boundary so that
-    completions start at a word (with its leading space)."""
+    """HH-RLHF style: the prompt is the shared prefix up to the last assistant turn both texts share, as HH
+    itself marks it; without such a turn, the shared prefix cut back to a word boundary strictly before the
+    shorter text ends (one answer may be a prefix of the other), so that completions start at a word (with
+    its leading space)."""
     common = os.path.commonprefix([chosen, rejected])
-    cut = len(common)
-    if cut < min(len(chosen), len(rejected)):  # the texts differ at `cut`: back off to the word start
+    turn = common.rfind(IMPLICIT_ASSISTANT_TURN)
+    if turn >= 0:
+        cut = turn + len(IMPLICIT_ASSISTANT_TURN)
+    else:
+        cut = len(common)
         while cut > 0 and not common[cut - 1].isspace():
             cut -= 1
         while cut > 0 and common[cut - 1].isspace():
@@ -237,14 +244,21 @@ def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) 
 
 # ------------------------------------------------------------------------------------------- tokenise
 
-def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: list[int],
-                        add_special_tokens: bool) -> list[int]:
-    """Completion ids as the model sees them after the prompt, ending in eos.
+def special_prefix_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Llama's bos; none for GPT-2 style), read off a probe
+    tokenised with and without them: tokenizers do not otherwise say what their post-processor adds."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_specials[:with_specials.index(plain[0])]
+
+
+def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: list[int]) -> list[int]:
+    """Completion ids as the model sees them after the prompt's (`prompt_ids`, no special tokens), ending in eos.
 
     Tokenised jointly with the prompt (as the text is read) and split at the prompt's length; where a
     token would straddle the boundary, the completion is tokenised on its own instead.
     """
-    full_ids = tokenizer(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"]
+    full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
     if full_ids[:len(prompt_ids)] == prompt_ids:
         ids = full_ids[len(prompt_ids):]
     else:
@@ -254,26 +268,32 @@ def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: lis
     return ids
 
 
-def truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int, mode: str, where: str):
+def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: int, mode: str, where: str):
+    """Fit prefix + prompt + each completion into max_length; returns (prefix + prompt, chosen, rejected).
+    The prefix (special tokens such as bos) is never cut."""
     longest = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longest <= max_length:
-        return prompt_ids, chosen_ids, rejected_ids
-    if mode == "keep_end":
-        keep = max(max_length - longest, max_length // 2)
-        prompt_ids = prompt_ids[-keep:]
-    elif len(prompt_ids) >= max_length:
-        raise DataError(f"{where}: field 'prompt' has {len(prompt_ids)} tokens, max_length is {max_length}: no room "
-                        f"for a completion; raise --max_length or use --truncation_mode keep_end")
-    room = max_length - len(prompt_ids)
-    return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+    if len(prefix_ids) + len(prompt_ids) + longest > max_length:
+        if mode == "keep_end":
+            keep = max(max_length - longest, max_length // 2) - len(prefix_ids)
+            prompt_ids = prompt_ids[max(len(prompt_ids) - keep, 0):]
+        elif len(prefix_ids) + len(prompt_ids) >= max_length:
+            raise DataError(f"{where}: field 'prompt' has {len(prefix_ids) + len(prompt_ids)} tokens, max_length is "
+                            f"{max_length}: no room for a completion; raise --max_length or use --truncation_mode "
+                            f"keep_end")
+        room = max_length - len(prefix_ids) - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return prefix_ids + prompt_ids, chosen_ids, rejected_ids
 
 
-def tokenize_row(row: dict, index: int, tokenizer, max_length: int, truncation_mode: str, add_special_tokens: bool,
+def tokenize_row(row: dict, index: int, tokenizer, max_length: int, truncation_mode: str, prefix_ids: list[int],
                  source: str) -> dict:
-    prompt_ids = tokenizer(row["prompt"], add_special_tokens=add_special_tokens)["input_ids"]
-    chosen_ids = tokenize_completion(tokenizer, row["prompt"], row["chosen"], prompt_ids, add_special_tokens)
-    rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"], prompt_ids, add_special_tokens)
-    prompt_ids, chosen_ids, rejected_ids = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length,
+    """Texts -> prefix_ids + prompt ids, and completion ids ending in the one eos of the sequence. The texts are
+    tokenised without special tokens: a post-processor that appends eos (Llama's add_eos_token) would put one
+    between prompt and completion."""
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    chosen_ids = tokenize_completion(tokenizer, row["prompt"], row["chosen"], prompt_ids)
+    rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"], prompt_ids)
+    prompt_ids, chosen_ids, rejected_ids = truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length,
                                                          truncation_mode, f"{source} row {index}")
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids,
             "row_index": index}  # the row in the source split, for error messages during training
@@ -288,18 +308,29 @@ def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> D
     texts = raw.map(normalize_row, with_indices=True, remove_columns=raw.column_names, num_proc=args.dataset_num_proc,
                     fn_kwargs=dict(args=args, tokenizer=tokenizer, source=source),
                     desc=f"Normalising {split} ({fmt})")
+    # A chat template writes the conversation's special tokens itself.
+    prefix_ids = [] if fmt == "conversational" else special_prefix_ids(tokenizer)
     # Tokenise before dropping pairs, so that an error names the row's index in the source.
     tokenized = texts.map(tokenize_row, with_indices=True, num_proc=args.dataset_num_proc,
                           fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length,
-                                         truncation_mode=args.truncation_mode,
-                                         add_special_tokens=fmt != "conversational", source=source),
+                                         truncation_mode=args.truncation_mode, prefix_ids=prefix_ids, source=source),
                           desc=f"Tokenising {split}")
-    distinct = tokenized.filter(lambda row: row["chosen"] != row["rejected"], num_proc=args.dataset_num_proc)
+    # A pair the model sees as the same tokens (identical texts, or texts that differ only past max_length)
+    # gives no gradient and counts as wrong in rewards/accuracies.
+    distinct_texts = tokenized.filter(operator.ne, input_columns=["chosen", "rejected"],
+                                      num_proc=args.dataset_num_proc)
+    distinct = distinct_texts.filter(operator.ne, input_columns=["chosen_input_ids", "rejected_input_ids"],
+                                     num_proc=args.dataset_num_proc)
     if len(distinct) == 0:
-        raise DataError(f"{source}: all {len(texts)} pairs have chosen identical to rejected: nothing to learn from")
-    if len(distinct) < len(texts):
+        raise DataError(f"{source}: all {len(texts)} pairs have chosen identical to rejected, as texts or as the "
+                        f"tokens kept by max_length {args.max_length}: nothing to learn from")
+    if len(distinct_texts) < len(texts):
         logger.warning("%s: dropped %d of %d pairs whose chosen equals rejected", source,
-                       len(texts) - len(distinct), len(texts))
+                       len(texts) - len(distinct_texts), len(texts))
+    if len(distinct) < len(distinct_texts):
+        logger.warning("%s: dropped %d of %d pairs whose chosen and rejected differ as texts but not as the tokens "
+                       "kept by max_length %d (raise it to keep them)", source, len(distinct_texts) - len(distinct),
+                       len(texts), args.max_length)
     return distinct
 
 
