@@ -1,19 +1,16 @@
-import json
+import dataclasses
 import os
-import socket
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
 from helpers import loop_logps
 from utils import reference
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
-from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
+from utils.modeling import AUTOCAST_GROUPED_MM, ModelArguments, apply_lora, load_model, load_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def setup(num_pairs=24, model_init_seed=0, **data_overrides):
@@ -66,7 +63,7 @@ def test_cache_hit_on_identical_rerun_and_miss_on_changes(tmp_path, monkeypatch)
     assert len(calls) == 2  # nothing rescored
     assert second["train"]["ref_chosen_logps"] == first["train"]["ref_chosen_logps"]
 
-    changes = {"data": dict(toy_seed=5), "max_length": dict(max_length=12), "model": dict(model_init_seed=1)}
+    changes = {"data": dict(toy_seed=5), "model": dict(model_init_seed=1)}
     for name, change in changes.items():
         before = len(calls)
         model_args, data_args, tokenizer, model, dataset = setup(**change)
@@ -74,17 +71,85 @@ def test_cache_hit_on_identical_rerun_and_miss_on_changes(tmp_path, monkeypatch)
         assert len(calls) > before, f"changing the {name} must recompute"
 
 
-def test_checkpoint_identity_changes_when_its_weights_are_rewritten(tmp_path):
-    model_args, data_args, tokenizer, model, dataset = setup()
-    model.save_pretrained(tmp_path / "ckpt")
-    args = ModelArguments(model_name_or_path=str(tmp_path / "ckpt"))
-    loaded = load_model(args, tokenizer)
-    before = reference.reference_fingerprint(args, loaded, dataset["train"], data_args, torch.float32)
-    assert before == reference.reference_fingerprint(args, loaded, dataset["train"], data_args, torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2)
-    model.save_pretrained(tmp_path / "ckpt")
-    assert reference.reference_fingerprint(args, loaded, dataset["train"], data_args, torch.float32) != before
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """mixtral-tiny saved as a checkpoint folder, and the toy pairs: all shorter than 64 tokens, so neither
+    max_length 64 nor 128 nor either truncation mode changes them."""
+    model_args, data_args, tokenizer, model, dataset = setup(num_pairs=6)
+    folder = tmp_path_factory.mktemp("identity") / "ckpt"
+    model.save_pretrained(folder)
+    return str(folder), tokenizer, data_args, dataset["train"]
+
+
+def folder_fingerprint(folder, tokenizer, data_args, dataset, dtype=torch.float32, **model_overrides):
+    model_args = ModelArguments(model_name_or_path=folder, **model_overrides)
+    model = load_model(model_args, tokenizer)
+    return reference.reference_fingerprint(model_args, model, dataset, data_args, dtype)
+
+
+# the biggest tensor, and one that no window of the file's even spread covers (as an attention-only LoRA merge)
+@pytest.mark.parametrize("tensor", ["lm_head.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_checkpoint_overwritten_in_place_with_its_old_times_is_a_cache_miss(tensor, checkpoint, tmp_path):
+    """Same names, sizes and modification times (as `cp -p` or `rsync -a` leave them): only `tensor` differs."""
+    source, tokenizer, data_args, dataset = checkpoint
+    folder = shutil.copytree(source, tmp_path / "ckpt")
+    before = folder_fingerprint(str(folder), tokenizer, data_args, dataset)
+    assert folder_fingerprint(str(folder), tokenizer, data_args, dataset) == before
+    files = {path: path.stat() for path in folder.iterdir()}
+    model = load_model(ModelArguments(model_name_or_path=str(folder)), tokenizer)
+    with torch.no_grad():  # other weights of the same shapes
+        model.get_parameter(tensor).mul_(2)
+    model.save_pretrained(folder)
+    for path, stat in files.items():
+        assert path.stat().st_size == stat.st_size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert folder_fingerprint(str(folder), tokenizer, data_args, dataset) != before
+
+
+def identity_change(name, checkpoint):
+    """(model_args, model, dataset, data_args, dtype) of the base case (the checkpoint as loaded by load_model,
+    scored in float32) with only `name` changed."""
+    folder, tokenizer, data_args, dataset = checkpoint
+    model_args, dtype = ModelArguments(model_name_or_path=folder), torch.float32
+    if name == "data":
+        dataset = load_preference_data(dataclasses.replace(data_args, toy_seed=5), tokenizer)["train"]
+    elif name in ("max_length", "truncation_mode"):  # tokenised again under the new setting: the same tokens
+        other_value = {"max_length": 128, "truncation_mode": "keep_end"}[name]
+        data_args = dataclasses.replace(data_args, **{name: other_value})
+        dataset = load_preference_data(data_args, tokenizer)["train"]
+    elif name == "dtype":
+        dtype = torch.bfloat16
+    elif name == "attn_implementation":
+        model_args = ModelArguments(model_name_or_path=folder, attn_implementation="eager")
+    elif name == "weights_dtype":
+        model_args = ModelArguments(model_name_or_path=folder, dtype="bfloat16")
+    model = load_model(model_args, tokenizer)
+    if name == "experts_implementation":
+        model.set_experts_implementation("batched_mm")
+    elif name == "quantization":  # FP8 dequantized on load (CPU): the same float32 weights, but a quantizer
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=FineGrainedFP8Config(dequantize=True))
+        model.set_experts_implementation(AUTOCAST_GROUPED_MM)  # as load_model sets it: only the quantizer differs
+    return model_args, model, dataset, data_args, dtype
+
+
+@pytest.mark.parametrize("name", ["data", "max_length", "truncation_mode", "dtype", "attn_implementation",
+                                  "experts_implementation", "weights_dtype", "quantization"])
+def test_each_identity_field_alone_makes_a_cache_miss(name, checkpoint, tmp_path):
+    dataset = checkpoint[3]
+    base = identity_change(None, checkpoint)
+    changed = identity_change(name, checkpoint)
+    if name != "data":  # the tokens are the same: only the field itself can tell the two apart
+        assert reference.dataset_token_hash(changed[2]) == reference.dataset_token_hash(dataset)
+    base_fingerprint = reference.reference_fingerprint(*base)
+    changed_fingerprint = reference.reference_fingerprint(*changed)
+    assert changed_fingerprint != base_fingerprint
+
+    tensors = {column: torch.randn(len(dataset)) for column in reference.REF_COLUMNS}
+    reference.save_cache(str(tmp_path / f"{base_fingerprint}.safetensors"), tensors, base_fingerprint)
+    assert reference.load_cached_logps(dataset, fingerprint=base_fingerprint, cache_dir=str(tmp_path),
+                                       split="train") is not None
+    assert reference.load_cached_logps(changed[2], fingerprint=changed_fingerprint, cache_dir=str(tmp_path),
+                                       split="train") is None
 
 
 def test_peft_reference_is_the_base_model_with_adapters_disabled(tmp_path):
@@ -101,28 +166,3 @@ def test_peft_reference_is_the_base_model_with_adapters_disabled(tmp_path):
 
     scored = score(peft_model, dataset, model_args, data_args, tmp_path, tokenizer)
     assert scored["train"]["ref_chosen_logps"] == pytest.approx(base_logps, abs=1e-4)
-
-
-def test_two_processes_score_like_one(tmp_path):
-    """torchrun with 2 CPU processes (gloo): the cached reference log-probs equal a one-process run."""
-    common = [os.path.join(REPO, "train_dpo.py"), "--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs",
-              "40", "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "1",
-              "--precompute_ref_batch_size", "4", "--per_device_train_batch_size", "2", "--report_to", "none",
-              "--use_cpu", "true"]  # without it accelerate starts no process group on CPU: two separate runs
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with socket.socket() as probe:  # a free port, so that concurrent test runs don't collide
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
-        subprocess.run(launcher + common + ["--ref_logps_cache_dir", str(tmp_path / name),
-                                            "--output_dir", str(tmp_path / f"out_{name}")],
-                       check=True, env=env, cwd=REPO, capture_output=True)
-    files = sorted(os.listdir(tmp_path / "one"))
-    assert files == sorted(os.listdir(tmp_path / "two")) and len(files) == 2
-    for name in files:
-        one, two = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
-        for column in reference.REF_COLUMNS:
-            torch.testing.assert_close(one[column], two[column], rtol=0, atol=1e-5)
-    state = json.loads((tmp_path / "out_two" / "trainer_state.json").read_text())
-    assert state["global_step"] == 1

@@ -51,6 +51,55 @@ def default_cache_dir() -> str:
 
 # ------------------------------------------------------------------------------------------- identity
 
+# A folder's content sample, read instead of hashing the weights (the whole point is to stay cheap): per
+# .safetensors file its header (tensor names, dtypes, shapes, offsets) and the first and last
+# TENSOR_SAMPLE_BYTES of every tensor; per other file (config, tokenizer, .bin/.pt) FILE_SAMPLE_WINDOWS windows of
+# FILE_SAMPLE_BYTES spread evenly over it, the whole file when smaller. Bound: header + 512 B per tensor, 64 KiB
+# per other file. A change confined to bytes outside the sample, with names, sizes and times unchanged, goes unseen.
+TENSOR_SAMPLE_BYTES = 256
+FILE_SAMPLE_WINDOWS = 16
+FILE_SAMPLE_BYTES = 4096
+
+
+def spread_windows(start: int, size: int, count: int, width: int) -> list[tuple[int, int]]:
+    """`count` (offset, length) windows of `width` bytes spread evenly over [start, start + size), first and
+    last included; the whole range when it is no bigger than the windows."""
+    if size <= count * width:
+        return [(start, size)]
+    step = (size - width) / (count - 1)
+    return [(start + round(i * step), width) for i in range(count)]
+
+
+def safetensors_windows(file, size: int) -> list[tuple[int, int]]:
+    """The header and the first and last TENSOR_SAMPLE_BYTES of every tensor; [] where the file does not
+    parse as safetensors (the even spread alone then samples it)."""
+    header_size = int.from_bytes(file.read(8), "little")
+    if not 0 < header_size <= size - 8:
+        return []
+    try:
+        header = json.loads(file.read(header_size))
+        spans = [entry["data_offsets"] for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError):
+        return []
+    data_start = 8 + header_size
+    return [(0, data_start)] + [window for begin, end in spans
+                                for window in spread_windows(data_start + begin, end - begin, 2, TENSOR_SAMPLE_BYTES)]
+
+
+def file_content_sample(path: str) -> str:
+    """sha256 of the sampled bytes of `path` (see TENSOR_SAMPLE_BYTES)."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        windows = spread_windows(0, size, FILE_SAMPLE_WINDOWS, FILE_SAMPLE_BYTES)
+        if path.endswith(".safetensors"):
+            windows += safetensors_windows(file, size)
+        for offset, length in windows:
+            file.seek(offset)
+            digest.update(file.read(length))
+    return digest.hexdigest()
+
+
 def model_identity(model_args, model) -> dict:
     """What makes the reference's weights what they are, cheaply: never a hash of the weights themselves."""
     if model_args.is_preset:  # built from a config: the config and the seed fix the weights
@@ -60,17 +109,31 @@ def model_identity(model_args, model) -> dict:
             identity["zero3_init"] = True
         return identity
     path = model_args.model_name_or_path
-    if os.path.isdir(path):  # a local checkpoint (or adapter) folder: its files' names, sizes and times
-        files = sorted(name for name in os.listdir(path) if name.endswith(WEIGHT_FILE_SUFFIXES))
-        stats = {name: (os.stat(os.path.join(path, name)).st_size, os.stat(os.path.join(path, name)).st_mtime_ns)
-                 for name in files}
-        return {"folder": os.path.abspath(path), "files": stats}
+    if os.path.isdir(path):  # a local checkpoint (or adapter) folder: its files' names, sizes, times and samples
+        files = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(WEIGHT_FILE_SUFFIXES):
+                file_path = os.path.join(path, name)
+                stat = os.stat(file_path)
+                files[name] = (stat.st_size, stat.st_mtime_ns, file_content_sample(file_path))
+        return {"folder": os.path.abspath(path), "files": files}
     commit = getattr(model.config, "_commit_hash", None)
     return {"hub": path, "revision": commit or model_args.model_revision}
 
 
+def quantization_identity(model) -> dict | None:
+    """The quantization the weights were loaded with (on the fly or pre-quantized), None for plain weights."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = quantizer.quantization_config if quantizer is not None \
+        else getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    return config if isinstance(config, dict) else config.to_dict()
+
+
 def dataset_token_hash(dataset) -> str:
-    """Hash of the tokenised pairs: captures the data, the tokenizer, max_length and truncation at once."""
+    """Hash of the tokenised pairs: captures the data and the tokenizer (max_length and truncation only where
+    they cut a pair, so the fingerprint holds them too)."""
     digest = hashlib.sha256()
     table = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow")
     for batch in table.iter(batch_size=50_000):
@@ -82,6 +145,7 @@ def dataset_token_hash(dataset) -> str:
 
 
 def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dtype) -> str:
+    """The cache key: everything that decides the reference log-probs, `dtype` being the scoring precision."""
     identity = {
         "model": model_identity(model_args, model),
         "data": dataset_token_hash(dataset),
@@ -90,10 +154,10 @@ def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dt
         "dtype": str(dtype),
         "attn_implementation": model.config._attn_implementation,
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "weights_dtype": str(model.dtype),  # the same checkpoint in float32 and bfloat16 scores differently
+        "quantization": quantization_identity(model),  # e.g. --load_in_fp8
     }
-    if getattr(model_args, "load_in_fp8", False):  # an FP8 base scores otherwise than its bf16 checkpoint
-        identity["quantization"] = "fp8-block128"
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 # -------------------------------------------------------------------------------------------- scoring
