@@ -41,14 +41,36 @@ def test_each_variant_matches_independent_formula(loss_type, beta, eps):
     torch.testing.assert_close(rejected_rewards, beta * (pr - rr))
 
 
-def test_sigmoid_gradient_is_minus_beta_sigmoid_of_minus_beta_margin():
+def _expected_dloss_dmargin(loss_type, beta, eps, margin):
+    """d loss / d margin, derived by hand from each variant's formula (margin = chosen - rejected log-ratio)."""
+    if loss_type == "sigmoid":
+        return -(1 - eps) * beta * torch.sigmoid(-beta * margin) + eps * beta * torch.sigmoid(beta * margin)
+    if loss_type == "robust":
+        return (-(1 - eps) * beta * torch.sigmoid(-beta * margin) - eps * beta * torch.sigmoid(beta * margin)) / (
+            1 - 2 * eps)
+    if loss_type == "ipo":
+        return 2 * (margin - 1 / (2 * beta))
+    if loss_type == "hinge":
+        return -beta * (beta * margin < 1).to(margin.dtype)
+    raise AssertionError(loss_type)
+
+
+@pytest.mark.parametrize("loss_type,beta,eps", [("sigmoid", 0.3, 0.0), ("sigmoid", 0.3, 0.2), ("robust", 0.3, 0.0),
+                                                ("robust", 0.3, 0.2), ("ipo", 0.5, 0.0), ("hinge", 0.1, 0.0)])
+def test_gradients_of_both_policy_sides_match_the_closed_form(loss_type, beta, eps):
     pc, pr, rc, rr = _random_logps(seed=1)
     pc.requires_grad_(True)
-    beta = 0.3
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta)
+    pr.requires_grad_(True)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
     losses.sum().backward()
-    margin = (pc - rc) - (pr - rr)
-    torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(-beta * margin.detach()))
+    margin = ((pc - rc) - (pr - rr)).detach()
+    if loss_type == "hinge":  # a real test of both branches, and no pair on the kink
+        assert (beta * margin < 1).any() and (beta * margin > 1).any()
+        assert ((beta * margin - 1).abs() > 1e-6).all()
+    dloss_dmargin = _expected_dloss_dmargin(loss_type, beta, eps, margin)
+    assert (dloss_dmargin != 0).any()
+    torch.testing.assert_close(pc.grad, dloss_dmargin, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pr.grad, -dloss_dmargin, rtol=1e-9, atol=1e-12)
 
 
 def test_rewards_are_detached_and_loss_is_not():
