@@ -20,10 +20,11 @@ import torch
 
 from utils import toy_task
 from utils.cli import parse_args, run_script
-from utils.data import DataArguments, PreferenceCollator, collate_completions, load_preference_data
+from utils.data import (DataArguments, PreferenceCollator, collate_completions, load_preference_data,
+                        special_prefix_ids, tokenize_completion)
 from utils.generation import sample
 from utils.logprobs import model_logps
-from utils.modeling import ModelArguments, load_model, load_tokenizer
+from utils.modeling import ModelArguments, load_model, load_tokenizer, use_tokenizer_pad_token
 from utils.reference import score_dataset
 
 logger = logging.getLogger("eval_policy")
@@ -69,19 +70,30 @@ def sampled_logps(model, completions, pad_token_id: int, batch_size: int) -> tor
     return torch.cat(sums)
 
 
-def make_judge(judge: str, tokenizer):
-    """A function (prompts, completions) -> scores."""
+def make_judge(judge: str, *, batch_size: int = 64):
+    """A function (prompts, completions) -> scores, for plain-text prompts (the toy task's).
+
+    A reward model scores what it was trained on: with its own tokenizer, prompt ids + completion ids ending in eos,
+    split as utils/data.py tokenises a pair (a reward model reads its score at the last token, here eos)."""
     if judge == GROUND_TRUTH:
         return lambda prompts, completions: toy_task.ground_truth_reward(completions)
-    reward_model = load_model(ModelArguments(model_name_or_path=judge), tokenizer, num_labels=1).eval()
+    model_args = ModelArguments(model_name_or_path=judge)
+    tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # as train_reward.py loads it
+    reward_model = use_tokenizer_pad_token(load_model(model_args, tokenizer, num_labels=1), tokenizer).eval()
+    prefix_ids = special_prefix_ids(tokenizer)
 
     @torch.no_grad()
     def score(prompts, completions):
+        prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+        completion_ids = [tokenize_completion(tokenizer, prompt, completion, ids)
+                          for prompt, completion, ids in zip(prompts, completions, prompt_ids)]
         scores = []
-        for start in range(0, len(prompts), 64):
-            texts = [p + c for p, c in zip(prompts[start:start + 64], completions[start:start + 64])]
-            batch = tokenizer(texts, return_tensors="pt", padding=True).to(reward_model.device)
-            scores += reward_model(**batch).logits[:, 0].float().tolist()
+        for start in range(0, len(prompts), batch_size):
+            batch = collate_completions([prefix_ids + ids for ids in prompt_ids[start:start + batch_size]],
+                                        completion_ids[start:start + batch_size], tokenizer.pad_token_id)
+            scores += reward_model(input_ids=batch["input_ids"].to(reward_model.device),
+                                   attention_mask=batch["attention_mask"].to(reward_model.device)
+                                   ).logits[:, 0].float().tolist()
         return scores
 
     return score
@@ -91,7 +103,7 @@ def evaluate_policy(args: EvalArguments) -> dict:
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.policy_path))
     policy = load_model(ModelArguments(model_name_or_path=args.policy_path), tokenizer).eval()
     reference = load_model(ModelArguments(model_name_or_path=args.reference_path), tokenizer).eval()
-    judge = make_judge(args.judge, tokenizer)
+    judge = make_judge(args.judge, batch_size=args.batch_size)
     prompts = toy_task.make_prompts(args.num_prompts, seed=args.prompt_seed)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     batch_size=args.batch_size)

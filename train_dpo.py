@@ -25,6 +25,7 @@ from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
 from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, resolve_attn_implementation,
                             router_kwargs)
+from utils.precision import bf16_field, default_bf16
 from utils.reference import (REF_COLUMNS, default_cache_dir, load_cached_logps, reference_fingerprint, reference_mode,
                              score_and_cache)
 
@@ -38,9 +39,7 @@ class DPOArguments(TrainingArguments):
     learning_rate: float = 1e-6
     logging_steps: float = 10
     remove_unused_columns: bool = False  # the collator needs the token-id and reference columns
-    bf16: bool | None = field(  # nargs/const: a bare --bf16 means true, as for the Trainer's other bool flags
-        default=None, metadata={"help": "bf16 mixed precision (reference scoring too); default: on where CUDA "
-                                        "supports it.", "nargs": "?", "const": True})
+    bf16: bool | None = bf16_field()  # reference scoring too
     beta: float = field(default=0.1, metadata={"help": "Strength of the KL constraint to the reference."})
     loss_type: str = field(default="sigmoid", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)})
     label_smoothing: float = field(
@@ -71,8 +70,7 @@ class DPOArguments(TrainingArguments):
 
 
     def __post_init__(self):
-        if self.bf16 is None:
-            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.fp16
+        self.bf16 = default_bf16(self)
         super().__post_init__()
 
 

@@ -16,7 +16,9 @@ from trl import RewardConfig, RewardTrainer
 
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
-from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
+from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs,
+                            use_tokenizer_pad_token)
+from utils.precision import bf16_field, default_bf16
 
 logger = logging.getLogger("train_reward")
 
@@ -32,16 +34,20 @@ class RewardArguments(RewardConfig):
     logging_steps: float = 20
     eval_strategy: str = "epoch"
     save_strategy: str = "no"
-    # TRL turns these on by default; on CPU and small models they only cost time (--activation_checkpointing, --bf16).
+    # TRL turns it on by default; on CPU and small models it only costs time (--activation_checkpointing).
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of "
                                                                                "activation_checkpointing."})
-    bf16: bool | None = False
+    bf16: bool | None = bf16_field()  # TRL's default is on everywhere; ours is every script's (utils/precision.py)
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
     # Owned by DataArguments and ModelArguments (one flag each): the trainer gets tokenised pairs and a built model.
     max_length: int | None = field(default=None, init=False)
     dataset_num_proc: int | None = field(default=None, init=False)
     trust_remote_code: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        self.bf16 = default_bf16(self)
+        super().__post_init__()
 
 
 class MoERewardTrainer(RewardTrainer):
@@ -85,8 +91,8 @@ def main(argv: list[str] | None = None):
     model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, RewardArguments), argv)
     setup_logging(training_args)
 
-    tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer, num_labels=1)
+    tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # TRL masks by pad_token_id
+    model = use_tokenizer_pad_token(load_model(model_args, tokenizer, num_labels=1), tokenizer)
     if model_args.use_peft:
         model = apply_lora(model, model_args, modules_to_save=["score"])  # the new head must train in full
 

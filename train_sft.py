@@ -18,6 +18,7 @@ from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
+from utils.precision import bf16_field, default_bf16
 
 logger = logging.getLogger("train_sft")
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
@@ -32,8 +33,13 @@ class SFTArguments(TrainingArguments):
     per_device_train_batch_size: int = 32
     logging_steps: float = 20
     save_strategy: str = "no"
+    bf16: bool | None = bf16_field()
     toy_num_reviews: int = field(default=4000, metadata={"help": "Toy task: reviews in the SFT corpus."})
     num_samples_to_show: int = field(default=4, metadata={"help": "Completions sampled and logged at the end."})
+
+    def __post_init__(self):
+        self.bf16 = default_bf16(self)
+        super().__post_init__()
 
 
 def toy_corpus(tokenizer, num_reviews: int, seed: int) -> Dataset:

@@ -16,6 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from utils import toy_task
+from utils.cli import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +91,40 @@ def toy_tokenizer() -> PreTrainedTokenizerFast:
                                    additional_special_tokens=ROLE_TOKENS, chat_template=CHAT_TEMPLATE)
 
 
-def load_tokenizer(args: ModelArguments):
+def load_tokenizer(args: ModelArguments, pad_apart_from_eos: bool = False):
+    """The model's tokenizer. One without a pad token pads with eos, which is safe where padding is masked by
+    lengths (DPO, SFT, sampling). TRL's reward and PPO code masks by `pad_token_id` instead: there eos as pad would
+    hide the policy's eos, and with a chat template that ends turns in eos prompt tokens too. So with
+    `pad_apart_from_eos` such a tokenizer gets a pad token of its own; give the model room for it with
+    `use_tokenizer_pad_token`."""
     if args.is_preset:
         tokenizer = copy.deepcopy(toy_tokenizer())  # callers may set padding_side etc.: keep the cached one pristine
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
-                                                  trust_remote_code=args.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                                      trust_remote_code=args.trust_remote_code)
+        except OSError as error:  # transformers' message for a missing local folder talks of the Hub only
+            raise ConfigError(f"{args.model_name_or_path}: no tokenizer there: not a preset ({', '.join(PRESETS)}), "
+                              f"a checkpoint folder or a Hub model ({' '.join(str(error).split())})") from None
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer of {args.model_name_or_path} has no eos token: completions cannot be ended")
-    if tokenizer.pad_token is None:
-        # Padding is always masked by attention and loss masks, so reusing eos is safe.
+        raise ConfigError(f"tokenizer of {args.model_name_or_path} has no eos token: completions cannot be ended")
+    if pad_apart_from_eos and (tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id):
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        logger.warning("tokenizer of %s has no pad token apart from eos: added %r (id %d), as TRL masks padding by "
+                       "its id", args.model_name_or_path, PAD, tokenizer.pad_token_id)
+    elif tokenizer.pad_token is None:
         logger.warning("tokenizer of %s has no pad token: using eos %r", args.model_name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def use_tokenizer_pad_token(model, tokenizer):
+    """The model with room in its embeddings for a pad token that `load_tokenizer` added, and its config naming
+    that token (a checkpoint's may name eos): sequence classifiers find each row's last token by it."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def resolve_attn_implementation(requested: str | None) -> str:

@@ -1,11 +1,17 @@
-"""The toy task's ground-truth reward in the shape of a reward model, for PPO-GT (the DPO paper's PPO baseline that
-is given the true reward instead of a learned one)."""
+"""Rewards for PPO: the toy task's ground-truth reward in the shape of a reward model, for PPO-GT (the DPO paper's PPO
+baseline that is given the true reward instead of a learned one), and the normalisation that puts any reward on one
+scale."""
+
+import logging
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from utils import toy_task
+from utils.cli import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 class GroundTruthReward(nn.Module):
@@ -35,3 +41,47 @@ class GroundTruthReward(nn.Module):
         texts = [self.tokenizer.decode(ids[mask], skip_special_tokens=True) for ids, mask in zip(completions, kept)]
         rewards = torch.tensor(toy_task.ground_truth_reward(texts), dtype=torch.float32, device=input_ids.device)
         return BaseModelOutput(hidden_states=(rewards[:, None, None].expand(-1, input_ids.shape[1], 1),))
+
+
+@torch.no_grad()
+def normalize_reward(reward_model: nn.Module, policy, tokenizer, collator, prompts, args) -> tuple[float, float]:
+    """Rescale `reward_model`'s scores to mean 0 and standard deviation 1 over `args.reward_normalization_samples`
+    completions of the initial policy, sampled and scored as TRL's PPOTrainer samples and scores a rollout. Returns
+    the raw (mean, std).
+
+    PPO's reward is score - kl_coef * KL, so kl_coef only means something relative to the score's spread: a learned
+    reward model's logits and the toy ground truth (VADER, in [-1, 1]) differ ~6x in spread here, so the same kl_coef
+    held PPO on the ground truth ~6x tighter. Normalising every reward on the initial policy's samples, as Ziegler
+    et al. (2019, "Fine-Tuning Language Models from Human Preferences") did, makes one kl_coef sweep comparable across
+    rewards. The rescaling is an affine layer after `score`, so a value model copied from the reward model starts on
+    the same scale.
+    """
+    from transformers import GenerationConfig
+    from trl.experimental.ppo.ppo_trainer import batch_generation, truncate_response
+    from trl.experimental.utils import get_reward
+
+    count = min(args.reward_normalization_samples, len(prompts))
+    queries = collator([{"input_ids": ids} for ids in prompts.shuffle(seed=args.seed)["input_ids"][:count]])["input_ids"]
+    generation = GenerationConfig(max_new_tokens=args.response_length, temperature=args.temperature + 1e-7, top_k=0,
+                                  top_p=1.0, do_sample=True)  # PPOTrainer.train's sampling
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        query_responses, _ = batch_generation(policy, queries.to(policy.device), args.local_rollout_forward_batch_size,
+                                              tokenizer.pad_token_id, generation)
+    responses = query_responses[:, queries.shape[1]:]
+    if args.stop_token == "eos":
+        responses = truncate_response(tokenizer.eos_token_id, tokenizer.pad_token_id, responses)
+    _, scores, _ = get_reward(reward_model, torch.cat((queries.to(responses.device), responses), 1),
+                              tokenizer.pad_token_id, queries.shape[1])
+    mean, std = scores.float().mean().item(), scores.float().std().item()
+    if not std > 0:
+        raise ConfigError(f"--reward_normalization_samples: the reward gives all {count} samples of the initial "
+                          f"policy the same score ({mean}), so there is no scale to normalise by; set it to 0")
+    reference = next(reward_model.parameters(), torch.empty(0, device=responses.device))
+    affine = nn.Linear(1, 1).to(device=reference.device, dtype=reference.dtype if reference.is_floating_point()
+                                else torch.float32)
+    affine.weight.fill_(1 / std)
+    affine.bias.fill_(-mean / std)
+    reward_model.score = nn.Sequential(reward_model.score, affine)
+    logger.info("reward normalised on %d samples of the initial policy: raw mean %.4f, std %.4f", count, mean, std)
+    return mean, std
