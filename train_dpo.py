@@ -18,13 +18,13 @@ from utils import toy_task
 from utils.checkpointing import (GracefulInterrupt, ResumableTrainer, exit_if_interrupted, latest_checkpoint,
                                  resolve_resume)
 from utils.cli import ConfigError, parse_args, report_metrics, run_script, setup_logging
-from utils.data import PACKING_ATTENTION, DataArguments, PreferenceCollator, load_preference_data
+from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
 from utils.guards import NonFiniteError
 from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
-from utils.modeling import (ModelArguments, apply_lora, load_model, load_tokenizer, resolve_attn_implementation,
-                            router_kwargs)
+from utils.modeling import (PACKING_ATTENTION, ModelArguments, apply_lora, load_model, load_tokenizer,
+                            packed_rows_by_default, resolve_attn_implementation, router_kwargs)
 from utils.precision import bf16_field, default_bf16
 from utils.reference import (REF_COLUMNS, default_cache_dir, load_cached_logps, reference_fingerprint, reference_mode,
                              score_and_cache)
@@ -56,9 +56,13 @@ class DPOArguments(TrainingArguments):
         default=None, metadata={"help": "Cache of reference log-probs; default <HF_HOME>/dpo-ref-logps."})
     router_aux_loss_coef: float | None = field(
         default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
-    padding_free: bool = field(
-        default=False, metadata={"help": "Pack each batch's sequences into one row: no compute on padding "
-                                         "(needs sdpa, eager or flash_attention_2)."})
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "Pack each batch's sequences into one row: no compute on padding. Default: "
+                                        "on where CUDA has a variable-length flash kernel (attention then costs "
+                                        "the sequences' own lengths), off on CPU.", "nargs": "?", "const": True})
+    # The non-finite guard (utils/guards.py) stops on such a loss; the Trainer's filter reads every step's loss on
+    # the host, a device sync per step.
+    logging_nan_inf_filter: bool = False
     logps_chunk_size: int = field(
         default=4096, metadata={"help": "Completion tokens per chunk through the output layer: bounds the logits' "
                                         "memory (4096 x 32k vocab x fp32 = 0.5 GB); beyond one chunk, each is "
@@ -72,6 +76,11 @@ class DPOArguments(TrainingArguments):
     def __post_init__(self):
         self.bf16 = default_bf16(self)
         super().__post_init__()
+        if self.padding_free is None:
+            self.padding_free = packed_rows_by_default(self.use_cpu, self.bf16 or self.fp16)
+        if self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
+            # batches reach the GPU from pinned memory without waiting: a blocking copy syncs the stream
+            self.accelerator_config.non_blocking = True
 
 
 def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
@@ -89,7 +98,7 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     for name in ("logps_chunk_size", "precompute_ref_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    attention = resolve_attn_implementation(model_args.attn_implementation)
+    attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free)
     if args.padding_free and attention not in PACKING_ATTENTION:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKING_ATTENTION}, not {attention}")
 
@@ -116,7 +125,9 @@ class DPOTrainer(ResumableTrainer):
         self.router_aux_loss_coef = self.args.router_aux_loss_coef if self.args.router_aux_loss_coef is not None \
             else router_coef
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # per metric: its sum so far on the device (no host sync per step) and its count on the host
+        self._metric_sums = {"train": {}, "eval": {}}
+        self._metric_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
 
     # ------------------------------------------------------------ reference log-probs, precomputed once
 
@@ -136,10 +147,14 @@ class DPOTrainer(ResumableTrainer):
         else:
             self.eval_dataset = {**self.eval_dataset, split.removeprefix("eval_"): dataset}
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The training's precision, in which the policy and every kind of reference compute their log-probs."""
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+
     def _reference_settings(self) -> tuple[str, torch.dtype, int]:
         """Cache folder, scoring dtype (the training's precision) and batch size of reference scoring."""
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        return (self.args.ref_logps_cache_dir or default_cache_dir(), dtype,
+        return (self.args.ref_logps_cache_dir or default_cache_dir(), self.compute_dtype,
                 self.args.precompute_ref_batch_size or 4 * self.args.per_device_eval_batch_size)
 
     def load_cached_reference(self, include_train: bool = True) -> dict[str, str]:
@@ -179,7 +194,8 @@ class DPOTrainer(ResumableTrainer):
             for split, fingerprint in pending.items():
                 self._set_split(split, score_and_cache(
                     splits[split], model, self.data_collator, fingerprint=fingerprint, cache_dir=cache_dir,
-                    batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped))
+                    batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped,
+                    chunk_size=self.args.logps_chunk_size))
         model.train(was_training)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -216,19 +232,20 @@ class DPOTrainer(ResumableTrainer):
             return zeros, zeros
         if "ref_chosen_logps" in inputs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        scoring = dict(chunk_size=self.args.logps_chunk_size, dtype=self.compute_dtype)
         with torch.no_grad():
             if self.ref_model is None:  # PEFT: the reference is the policy with its adapters off
                 unwrapped = self.accelerator.unwrap_model(model)
                 with unwrapped.disable_adapter():
-                    sums, _, _ = model_logps(model, inputs, unwrapped=unwrapped, chunk_size=self.args.logps_chunk_size)
-            else:
-                sums, _, _ = model_logps(self.ref_model, inputs, chunk_size=self.args.logps_chunk_size)
+                    sums, _, _ = model_logps(model, inputs, unwrapped=unwrapped, **scoring)
+            else:  # the frozen copy, which accelerate never prepared, computes at the policy's precision too
+                sums, _, _ = model_logps(self.ref_model, inputs, **scoring)
         return sums.chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sums, num_tokens, aux_loss = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),
                                                  router_aux_loss=self.use_router_aux_loss,
-                                                 chunk_size=self.args.logps_chunk_size)
+                                                 chunk_size=self.args.logps_chunk_size, dtype=self.compute_dtype)
         policy_chosen_logps, policy_rejected_logps = sums.chunk(2)
         ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs, len(policy_chosen_logps))
         chosen_tokens, rejected_tokens = num_tokens.chunk(2)
@@ -254,16 +271,37 @@ class DPOTrainer(ResumableTrainer):
         if self.use_router_aux_loss:
             loss = loss + self.router_aux_loss_coef * aux_loss
             metrics["aux_loss"] = aux_loss.detach()
+        if not model.training:
+            # per pair, so that evaluation averages over pairs (store_metrics); the Trainer's own eval_loss repeats
+            # each batch's mean, duplicates included, and is replaced by this one when logged
+            metrics["loss"] = (losses + (loss - losses.mean())).detach()
         self.store_metrics(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
-    def store_metrics(self, metrics: dict, mode: str) -> None:
-        """Each metric's mean over all ranks' pairs: one all-reduce and one device sync per step, not one per metric."""
-        sums = torch.stack([value.detach().float().sum() for value in metrics.values()])
-        counts = torch.tensor([float(value.numel()) for value in metrics.values()], device=sums.device)
-        sums_and_counts = self.accelerator.reduce(torch.stack([sums, counts], dim=1), reduction="sum")
-        for name, (total, count) in zip(metrics, sums_and_counts.tolist()):
-            self._metrics[mode][name].append(total / count)
+    def store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
+        """Add this batch's metrics (per pair, or one value per batch) to the running sums, on the device.
+
+        Evaluation gathers per-pair values with `gather_for_metrics`, which drops the samples that pad the last
+        batch of an eval set that does not divide by the number of processes; per-batch values (aux_loss, nll_loss)
+        are gathered from every rank. Training sums are reduced over ranks when logged (`log`)."""
+        sums = self._metric_sums[mode]
+        for name, value in metrics.items():
+            value = value.detach().float()
+            if mode == "eval":
+                value = self.accelerator.gather_for_metrics(value) if value.dim() else self.accelerator.gather(value[None])
+            sums[name] = sums[name] + value.sum() if name in sums else value.sum()
+            self._metric_counts[mode][name] += value.numel()
+
+    def metric_means(self, mode: str) -> dict[str, float]:
+        """Each metric's mean since the last log, over all ranks (one device sync: the values reach the host here)."""
+        sums, counts = self._metric_sums[mode], self._metric_counts[mode]
+        if not sums:
+            return {}
+        totals = torch.stack([torch.stack(list(sums.values())),
+                              torch.tensor([float(counts[name]) for name in sums], device=self.args.device)])
+        if mode == "train":  # evaluation gathered its values already
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {name: total / count for name, (total, count) in zip(sums, totals.T.tolist())}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -275,8 +313,9 @@ class DPOTrainer(ResumableTrainer):
         # The Trainer logs only the loss; add the DPO metrics averaged since the last log.
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        logs.update({prefix + name: sum(values) / len(values) for name, values in self._metrics[mode].items()})
-        self._metrics[mode].clear()
+        logs.update({prefix + name: mean for name, mean in self.metric_means(mode).items()})
+        self._metric_sums[mode].clear()
+        self._metric_counts[mode].clear()
         super().log(logs, start_time)
 
 
@@ -301,7 +340,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # model
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer)
+    model = load_model(model_args, tokenizer, packed=args.padding_free)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     if args.disable_dropout:  # LoRA's dropout included

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_dpo.py                    # the full comparison (~10 minutes on 2 CPU cores)
     .venv/bin/python bench/bench_dpo.py --quick            # a smoke run on the tiny preset
+    python3 bench/bench_dpo.py --preset mixtral-1b --pair_lengths real --batch_size 16 --precision bf16   # GPU
 
 Each configuration runs in its own process (fresh memory high-water mark, fresh caches) on the same
 model weights, pairs, batch size, max_length, steps, threads and precision, and prints one JSON
@@ -41,12 +42,17 @@ def parse():
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--batch_size", type=int, default=8, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--pair_lengths", choices=["toy", "real"], default="toy",
+                        help="toy: prompts of 1-4 sentences, completions of 1-8 (~10-60 tokens); real: UltraFeedback's "
+                             "lengths, prompts of ~150-250 tokens and completions of ~150-300 (needs --max_length >= "
+                             "550)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--profile", action="store_true", help="print the PyTorch profiler's top ops per config")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help="prepare the checkpoint and pairs here, or reuse those an earlier run with the "
+                                          "same --preset, --pair_lengths, --steps, --warmup and --batch_size left")
     args = parser.parse_args()
     if args.quick:
         args.preset, args.steps, args.warmup, args.batch_size, args.max_length = "mixtral-tiny", 3, 1, 4, 128
@@ -69,17 +75,42 @@ def variable_length_pairs(num_pairs: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def prepare(args, workdir: str) -> None:
-    """The shared inputs: one checkpoint folder and one JSONL file of pairs."""
+def real_length_pairs(num_pairs: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Toy pairs with real data's lengths (UltraFeedback's): prompts of ~150-250 tokens, completions of ~150-300."""
+    from utils import toy_task
+
+    rng = random.Random(seed)
+
+    def text(tokens: int, sentiment: str | None = None, start: str = "") -> str:
+        while tokens > 0:  # a sentence's tokens counted alone: close enough to its count in context
+            sentence = toy_task.make_continuation(rng, sentiment, 1)
+            start, tokens = start + sentence, tokens - len(tokenizer(sentence)["input_ids"])
+        return start
+
+    return [{"prompt": text(rng.randint(150, 250), start=toy_task.make_opening(rng)),
+             "chosen": text(rng.randint(150, 300), "positive"), "rejected": text(rng.randint(150, 300), "negative")}
+            for _ in range(num_pairs)]
+
+
+def prepare(args, workdir: str) -> str:
+    """The shared inputs: one checkpoint folder and one JSONL file of pairs. Returns a line describing the model."""
     from utils.modeling import ModelArguments, load_model, load_tokenizer
 
     model_args = ModelArguments(model_name_or_path=args.preset)
     tokenizer = load_tokenizer(model_args)
-    load_model(model_args, tokenizer).save_pretrained(os.path.join(workdir, "model"))
+    model = load_model(model_args, tokenizer)
+    model.save_pretrained(os.path.join(workdir, "model"))
     tokenizer.save_pretrained(os.path.join(workdir, "model"))
+    described = (f"preset {args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, {model.config.num_hidden_layers}"
+                 f" layers of hidden {model.config.hidden_size}, vocab {model.config.vocab_size}")
+    num_pairs = (args.steps + args.warmup) * args.batch_size
+    pairs = real_length_pairs(num_pairs, tokenizer) if args.pair_lengths == "real" else variable_length_pairs(num_pairs)
     with open(os.path.join(workdir, "pairs.jsonl"), "w") as f:
-        for pair in variable_length_pairs((args.steps + args.warmup) * args.batch_size):
+        for pair in pairs:
             f.write(json.dumps(pair) + "\n")
+    with open(os.path.join(workdir, "model.txt"), "w") as f:  # written last: the folder is complete
+        f.write(described)
+    return described
 
 
 def device():
@@ -106,11 +137,17 @@ def matmul_peak_gflops(dtype_name: str, repeats: int = 10) -> float:
 
 
 def flops_per_token(config) -> tuple[float, float]:
-    """Forward FLOPs per token of the active weights: (body: attention, top-k experts, router; output layer)."""
+    """Forward FLOPs per token of the active weights: (body: attention projections, top-k experts, router;
+    output layer)."""
     h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
     attention = 2 * h * (2 * h + 2 * kv)
     experts = config.num_experts_per_tok * 3 * 2 * h * config.intermediate_size + 2 * h * config.num_local_experts
     return config.num_hidden_layers * (attention + experts), 2 * h * config.vocab_size
+
+
+def attention_score_flops(config, sequence_length: int) -> float:
+    """Forward FLOPs of one sequence's causal attention scores and weighted sum (QK^T and AV, half the square)."""
+    return config.num_hidden_layers * 2 * 2 * sequence_length ** 2 / 2 * config.hidden_size
 
 
 # ------------------------------------------------------------------------------------------ one worker
@@ -161,16 +198,18 @@ class Phases:
 def start_profiler():
     from torch.profiler import ProfilerActivity, profile
 
-    profiler = profile(activities=[ProfilerActivity.CPU])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device().type == "cuda" else [])
+    profiler = profile(activities=activities)
     profiler.start()
     return profiler
 
 
 def print_profile(profiler, phase: str) -> None:
-    """The PyTorch profiler's top ops of one phase, printed to stderr (the driver shows them)."""
+    """The PyTorch profiler's top ops of one phase (by device time on a GPU), printed to stderr (the driver shows
+    them)."""
     profiler.stop()
-    print(f"[{phase}]\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12),
-          file=sys.stderr)
+    sort_by = "self_device_time_total" if device().type == "cuda" else "self_cpu_time_total"
+    print(f"[{phase}]\n" + profiler.key_averages().table(sort_by=sort_by, row_limit=15), file=sys.stderr)
 
 
 def run_worker(args, name: str, workdir: str) -> dict:
@@ -198,9 +237,13 @@ def run_worker(args, name: str, workdir: str) -> dict:
     completion_tokens_per_step = sum(len(c) + len(r) for _, c, r in zip(*columns)) / pairs * args.batch_size
     median_step = statistics.median(timed)
     # Model FLOPs: the work the math needs, whoever does more (the output layer is needed on completion
-    # tokens only); forward + backward = 3 forwards, plus a reference forward per step where it runs then.
-    body, head = flops_per_token(trainer.model.config)
-    forward_flops = body * tokens_per_step + head * completion_tokens_per_step
+    # tokens only, attention within each sequence); forward + backward = 3 forwards, plus a reference forward
+    # per step where it runs then.
+    config = trainer.model.config
+    body, head = flops_per_token(config)
+    score_flops_per_step = sum(attention_score_flops(config, len(p) + len(c)) + attention_score_flops(
+        config, len(p) + len(r)) for p, c, r in zip(*columns)) / pairs * args.batch_size
+    forward_flops = body * tokens_per_step + head * completion_tokens_per_step + score_flops_per_step
     step_flops = (3 + (0 if scored else 1)) * forward_flops
     # Scoring is one forward over every pair: the same model FLOPs per pair as a step's forward.
     scoring_gflops = forward_flops / args.batch_size * pairs / ref_seconds / 1e9 if scored else None
@@ -221,12 +264,13 @@ def build_ours(args, options, model_dir, data_file, common, phases):
     model_args = ModelArguments(model_name_or_path=model_dir)
     data_args = DataArguments(dataset_name=data_file, max_length=args.max_length)
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer)
+    model = load_model(model_args, tokenizer, packed=options["padding_free"])
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=options["padding_free"])
     dataset = load_preference_data(data_args, tokenizer)
     phases.time_scoring(DPOTrainer, "score_reference")
+    os.makedirs(common["output_dir"], exist_ok=True)
     dpo_args = DPOArguments(padding_free=options["padding_free"], precompute_ref_batch_size=4 * args.batch_size,
-                            ref_logps_cache_dir=os.path.join(common["output_dir"], "ref_cache"), **common)
+                            ref_logps_cache_dir=tempfile.mkdtemp(dir=common["output_dir"]), **common)
     return DPOTrainer(model=model, args=dpo_args, train_dataset=dataset["train"], data_collator=collator,
                       processing_class=tokenizer, callbacks=[phases.callback], model_args=model_args,
                       data_args=data_args)
@@ -252,15 +296,17 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args, args.worker, args.workdir)))
         return
-    from utils.modeling import ModelArguments, load_model, load_tokenizer
-
-    workdir = tempfile.mkdtemp(prefix="bench_dpo_")
-    prepare(args, workdir)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_dpo_")
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(os.path.join(workdir, "model.txt")):
+        with open(os.path.join(workdir, "model.txt")) as f:
+            described = f.read()
+    else:
+        described = prepare(args, workdir)
     peak = matmul_peak_gflops(args.precision)
-    model = load_model(ModelArguments(model_name_or_path=args.preset), load_tokenizer(ModelArguments(args.preset)))
-    print(f"preset {args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, vocab {model.config.vocab_size}; "
-          f"{args.batch_size} pairs/step, max_length {args.max_length}, {args.steps} timed steps, "
-          f"{args.threads} threads, {args.precision}; measured {args.precision} matmul peak {peak:.0f} GFLOP/s")
+    print(f"{described}; {args.batch_size} pairs/step of {args.pair_lengths} lengths, max_length {args.max_length}, "
+          f"{args.steps} timed steps, {args.threads} threads, {args.precision}; measured {args.precision} matmul "
+          f"peak {peak:.0f} GFLOP/s", flush=True)
     results = {}
     for name in args.configs.split(","):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1",
@@ -293,10 +339,13 @@ def main():
     if ours and "trl_precompute" in results:
         ratios["speedup_vs_trl_precompute"] = ours["tokens_per_second"] / results["trl_precompute"]["tokens_per_second"]
         ratios["ref_scoring_speedup"] = results["trl_precompute"]["ref_scoring_s"] / ours["ref_scoring_s"]
+        if ours["peak_gpu_mb"] is not None:
+            ratios["peak_gpu_ratio"] = ours["peak_gpu_mb"] / results["trl_precompute"]["peak_gpu_mb"]
     if "ref_scoring_speedup" in ratios:
         print(f"\nreference scoring: {ratios['ref_scoring_speedup']:.2f}x faster than TRL's precompute step")
     print("\n" + " ".join(f"{key}={ratios[key]:.2f}" for key in
-                          ("speedup_vs_trl", "speedup_vs_trl_precompute", "peak_rss_ratio") if key in ratios))
+                          ("speedup_vs_trl", "speedup_vs_trl_precompute", "peak_rss_ratio", "peak_gpu_ratio")
+                          if key in ratios), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ if os.environ.get("DPO_TEST_ENGINE_ON_CPU") == "1":
 
 import train_dpo  # noqa: E402
 from utils import reference  # noqa: E402
+from utils.cli import run_script  # noqa: E402
 
 
 def record(**event) -> None:
@@ -67,11 +68,26 @@ def recording_save_file(tensors, path, *args, **kwargs):
 
 reference.score_dataset, reference.save_file = recording_score_dataset, recording_save_file
 
+if os.environ.get("DPO_TEST_NAN_RANK"):  # this rank's loss turns NaN on its first micro-batch of step 2
+    compute_loss = train_dpo.DPOTrainer.compute_loss
+
+    def nan_compute_loss(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        bad = (model.training and self.state.global_step == 1 and not self._step_losses
+               and os.environ["RANK"] == os.environ["DPO_TEST_NAN_RANK"])
+        return loss * float("nan") if bad else loss
+
+    train_dpo.DPOTrainer.compute_loss = nan_compute_loss
+
 if __name__ == "__main__":
-    train_dpo.main(sys.argv[1:])
+    try:
+        run_script(train_dpo.main)  # as `python train_dpo.py` runs: errors end in one line and a status
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
     # torch 2.13's gloo process group can abort ("terminate called without an active exception") or
     # deadlock (its destructor joins a worker thread that waits for the GIL) while the interpreter tears
     # down; the run is complete and saved here, so leave without tearing down.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

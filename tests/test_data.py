@@ -1,6 +1,7 @@
 """utils/data.py: loading, format normalisation, tokenisation, truncation, collation and errors."""
 
 import copy
+import itertools
 import logging
 import re
 
@@ -328,7 +329,8 @@ def test_collator_masks_exactly_the_completion_tokens(pad_is_eos, tokenizer):
     lengths = [len(r["prompt_input_ids"]) + len(r[f"{side}_input_ids"]) for side in ("chosen", "rejected")
                for r in rows]
     assert len(set(lengths)) > 1, "the rows must need padding for this test to mean anything"
-    assert batch["input_ids"].shape == batch["completion_mask"].shape == (2 * n, max(lengths))
+    assert batch["input_ids"].shape == (2 * n, max(lengths))
+    flat_ids = batch["input_ids"].flatten()
     for i in range(2 * n):
         side, row = ("chosen", rows[i]) if i < n else ("rejected", rows[i - n])  # chosen rows first
         prompt, completion = row["prompt_input_ids"], row[f"{side}_input_ids"]
@@ -336,10 +338,21 @@ def test_collator_masks_exactly_the_completion_tokens(pad_is_eos, tokenizer):
         padding = width - len(prompt) - len(completion)
         assert batch["input_ids"][i].tolist() == prompt + completion + [pad_id] * padding
         assert batch["attention_mask"][i].tolist() == [1] * (len(prompt) + len(completion)) + [0] * padding
-        assert batch["completion_mask"][i].tolist() == [0] * len(prompt) + [1] * len(completion) + [0] * padding
-        kept = batch["input_ids"][i][batch["completion_mask"][i].bool()].tolist()
+        kept = flat_ids[batch["completion_positions"][batch["completion_sequence"] == i]].tolist()
         assert kept == completion and kept[-1] == tokenizer.eos_token_id
     assert "ref_chosen_logps" not in batch
+
+
+def test_collator_rounds_padded_widths_up(tokenizer):
+    rows = list(prepare(EXPLICIT_ROWS, tokenizer))
+    exact = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows)
+    rounded = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=64)(rows)
+    width = exact["input_ids"].shape[1]
+    assert rounded["input_ids"].shape[1] == -(-width // 64) * 64 > width
+    assert torch.equal(rounded["input_ids"][:, :width], exact["input_ids"])
+    assert torch.equal(rounded["completion_sequence"], exact["completion_sequence"])
+    assert torch.equal(rounded["input_ids"].flatten()[rounded["completion_positions"]],
+                       exact["input_ids"].flatten()[exact["completion_positions"]])  # the same tokens, wider rows
 
 
 def test_padding_free_collator_packs_the_same_sequences_into_one_row(tokenizer):
@@ -347,13 +360,18 @@ def test_padding_free_collator_packs_the_same_sequences_into_one_row(tokenizer):
     padded = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(rows)
     packed = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, padding_free=True)(rows)
     assert "attention_mask" not in packed
-    assert all(packed[key].shape[0] == 1 for key in ("input_ids", "position_ids", "sequence_ids", "completion_mask"))
+    assert packed["input_ids"].shape[0] == packed["position_ids"].shape[0] == 1
     real = padded["attention_mask"].bool()  # the padded batch's non-padding tokens, row by row
     assert packed["input_ids"][0].tolist() == padded["input_ids"][real].tolist()
-    assert packed["completion_mask"][0].tolist() == padded["completion_mask"][real].tolist()
     lengths = real.sum(dim=1).tolist()
-    assert packed["sequence_ids"][0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
     assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]  # restart per sequence
+    assert packed["cu_seq_lens_q"].dtype == torch.int32  # flash kernels' type
+    assert packed["cu_seq_lens_q"].tolist() == packed["cu_seq_lens_k"].tolist() == [0, *itertools.accumulate(lengths)]
+    assert packed["max_length_q"] == packed["max_length_k"] == max(lengths)
+    # the same completion tokens, of the same sequences
+    assert torch.equal(packed["completion_sequence"], padded["completion_sequence"])
+    assert torch.equal(packed["input_ids"][0][packed["completion_positions"]],
+                       padded["input_ids"].flatten()[padded["completion_positions"]])
 
 
 def test_collator_passes_reference_logps_through(tokenizer):

@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "accelerate")
 ENTRY = os.path.join(REPO, "tests", "dist_entry.py")
 # sgd with a large step, no clipping, a constant rate: weight changes are exact sums of gradients
-TRAIN = ["--toy_num_train_pairs", "48", "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "3",
+# 9 eval pairs: two processes pad the last eval batch with a duplicate, which metrics must not count
+TRAIN = ["--toy_num_train_pairs", "48", "--toy_num_eval_pairs", "9", "--max_length", "64", "--max_steps", "3",
          "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
          "--precompute_ref_batch_size", "4", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
 
@@ -56,16 +57,23 @@ def accelerate_env(config: str, launch=prepare_multi_gpu_env, **overrides) -> di
     return launch(args)
 
 
-def run(tmp_path, name: str, *flags, processes: int = 1, env: dict | None = None) -> tuple[str, list[dict]]:
-    """train_dpo (instrumented by dist_entry.py) in `processes` processes; its output folder and its record."""
+def launch(tmp_path, name: str, *flags, processes: int = 1, env: dict | None = None):
+    """train_dpo (instrumented by dist_entry.py) in `processes` processes: the finished process, its record file."""
     record = tmp_path / f"{name}.jsonl"
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port()]
     env = dict(env or os.environ, OMP_NUM_THREADS="1", DPO_TEST_RECORD=str(record))
+    # a hung collective fails the test instead of waiting out gloo's 30-minute timeout
+    result = subprocess.run(launcher + [ENTRY, *flags, "--output_dir", str(tmp_path / name)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    return result, record
+
+
+def run(tmp_path, name: str, *flags, processes: int = 1, env: dict | None = None) -> tuple[str, list[dict]]:
+    """train_dpo (instrumented by dist_entry.py) in `processes` processes; its output folder and its record."""
+    result, record = launch(tmp_path, name, *flags, processes=processes, env=env)
     out = tmp_path / name
-    result = subprocess.run(launcher + [ENTRY, *flags, "--output_dir", str(out)], env=env, cwd=REPO,
-                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     return str(out), events
@@ -96,9 +104,13 @@ def test_ddp_two_processes_train_like_one_and_write_the_cache_once(tmp_path, che
                       processes=2, env=dict(os.environ, **accelerate_env("ddp.yaml", num_processes=2,
                                                                          mixed_precision="no")))
     assert_same_training(two, one, checkpoint)
+    one_eval, two_eval = (json.load(open(os.path.join(out, "eval_results.json"))) for out in (one, two))
+    for name in ("eval_loss", "eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins",
+                 "eval_rewards/accuracies"):  # the duplicate that pads the last batch is not counted
+        assert two_eval[name] == pytest.approx(one_eval[name], abs=1e-5), name
     scores = [e for e in events if e["event"] == "score"]
-    assert sorted((e["rank"], e["rows"]) for e in scores) == [(0, 8), (0, 48), (1, 8), (1, 48)]  # each its share
-    assert [(e["rank"], e["rows"]) for e in events if e["event"] == "write"] == [(0, 48), (0, 8)]  # main only, once
+    assert sorted((e["rank"], e["rows"]) for e in scores) == [(0, 9), (0, 48), (1, 9), (1, 48)]  # each its share
+    assert [(e["rank"], e["rows"]) for e in events if e["event"] == "write"] == [(0, 48), (0, 9)]  # main only, once
     for name in os.listdir(tmp_path / "cache_one"):  # the gathered scores are the one-process scores
         for column, values in load_file(tmp_path / "cache_one" / name).items():
             torch.testing.assert_close(load_file(tmp_path / "cache" / name)[column], values, rtol=0, atol=1e-5)
@@ -106,6 +118,19 @@ def test_ddp_two_processes_train_like_one_and_write_the_cache_once(tmp_path, che
     _, events = run(tmp_path, "again", *common, "--per_device_train_batch_size", "4", "--use_cpu", "true",
                     "--max_steps", "1", processes=2)
     assert events == []  # a cache hit: no rank scores, nothing is written
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path, checkpoint):
+    # gradient accumulation: the first micro-batch's backward does not all-reduce, so a rank raising there
+    # alone would leave the other waiting in the second's
+    result, _ = launch(tmp_path, "nan", "--model_name_or_path", checkpoint, *TRAIN, "--per_device_train_batch_size",
+                       "2", "--gradient_accumulation_steps", "2", "--use_cpu", "true",
+                       "--ref_logps_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", processes=2,
+                       env=dict(os.environ, DPO_TEST_NAN_RANK="1"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]
+    assert errors[0] == errors[1]
+    assert "non-finite loss (nan) on rank(s) [1] at step 2" in errors[0]
 
 
 def engine_on_cpu(config: str, launch=prepare_multi_gpu_env) -> dict[str, str]:

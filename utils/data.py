@@ -22,9 +22,6 @@ logger = logging.getLogger(__name__)
 FORMATS = ("auto", "explicit", "implicit", "conversational")
 LOCAL_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
-# transformers 5.23 keeps packed sequences apart from `position_ids` only with these, and only when
-# attention_mask is None and no KV cache is made (seen on Mixtral: with a cache they attend to each other).
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2")
 IMPLICIT_ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's marker of an assistant turn
 
 
@@ -341,29 +338,48 @@ def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
 
 # -------------------------------------------------------------------------------------------- collate
 
-def pad(sequences: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
+def pad(sequences: list[list[int]], value: int, width: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
 def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
-                        padding_free: bool = False) -> dict:
-    """prompt + completion sequences -> model inputs and `completion_mask` (1 on the tokens whose log-probs count).
+                        padding_free: bool = False, pad_to_multiple_of: int | None = None) -> dict:
+    """prompt + completion sequences -> model inputs, and where the completion tokens are.
 
-    Padded: [N, longest] with attention_mask. Padding-free: all sequences packed into one row,
-    `position_ids` restarting at each and `sequence_ids` saying which sequence a token is in, so no
-    compute goes to padding (attention keeps sequences apart: see `PACKING_ATTENTION`).
+    `completion_positions` holds the flat (row-major) indices into `input_ids` of the tokens whose log-probs
+    count (a sequence's completion, less its first token when the prompt is empty: nothing predicts it), and
+    `completion_sequence` which sequence each is in. They are made here, on the host, so that the training
+    step gathers the tokens by index, with no device sync (a boolean mask would need one).
+
+    Padded: [N, width] and attention_mask, width the longest sequence (rounded up to `pad_to_multiple_of`, so
+    that batch shapes repeat). Padding-free: all sequences in one row, `position_ids` restarting at each, and
+    their boundaries as transformers' variable-length attention arguments (`cu_seq_lens_q/k`, `max_length_q/k`),
+    so no compute goes to padding and attention keeps sequences apart.
     """
     sequences = [p + c for p, c in zip(prompts, completions)]
-    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    lengths = torch.tensor([len(s) for s in sequences])
     if padding_free:
-        return {"input_ids": torch.tensor([[t for s in sequences for t in s]]),
-                "position_ids": torch.tensor([[p for s in sequences for p in range(len(s))]]),
-                "sequence_ids": torch.tensor([[i for i, s in enumerate(sequences) for _ in s]]),
-                "completion_mask": torch.tensor([[m for mask in masks for m in mask]])}
-    return {"input_ids": pad(sequences, pad_token_id),
-            "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-            "completion_mask": pad(masks, 0)}
+        starts = torch.cumsum(lengths, 0) - lengths
+        cu_seq_lens = torch.cat([torch.zeros(1, dtype=torch.int32), torch.cumsum(lengths, 0, dtype=torch.int32)])
+        longest = int(lengths.max())
+        token_sequence = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+        batch = {"input_ids": torch.tensor([[t for s in sequences for t in s]]),
+                 "position_ids": (torch.arange(int(lengths.sum())) - starts[token_sequence]).unsqueeze(0),
+                 "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                 "max_length_q": longest, "max_length_k": longest}
+    else:
+        width = int(lengths.max())
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        starts = torch.arange(len(sequences)) * width
+        batch = {"input_ids": pad(sequences, pad_token_id, width),
+                 "attention_mask": pad([[1] * len(s) for s in sequences], 0, width)}
+    first = starts + torch.tensor([max(len(p), 1) for p in prompts])  # the first counted token of each sequence
+    counted = starts + lengths - first
+    batch["completion_sequence"] = torch.repeat_interleave(torch.arange(len(sequences)), counted)
+    offsets = torch.arange(int(counted.sum())) - (torch.cumsum(counted, 0) - counted)[batch["completion_sequence"]]
+    batch["completion_positions"] = first[batch["completion_sequence"]] + offsets
+    return batch
 
 
 @dataclass
@@ -372,14 +388,15 @@ class PreferenceCollator:
     Reference log-prob columns and `row_index` (the rows' indices in their source split) pass through."""
     pad_token_id: int
     padding_free: bool = False
+    pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict:
+        # Per-pair tensors first: the Trainer takes the batch size from the first tensor it finds.
+        batch = {key: torch.tensor([row[key] for row in rows], dtype=dtype) for key, dtype in
+                 (("row_index", torch.long), ("ref_chosen_logps", torch.float32), ("ref_rejected_logps", torch.float32))
+                 if key in rows[0]}
         prompts = [row["prompt_input_ids"] for row in rows] * 2
         completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
-        batch = collate_completions(prompts, completions, self.pad_token_id, self.padding_free)
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in rows[0]:
-                batch[key] = torch.tensor([row[key] for row in rows], dtype=torch.float32)
-        if "row_index" in rows[0]:
-            batch["row_index"] = torch.tensor([row["row_index"] for row in rows])
+        batch.update(collate_completions(prompts, completions, self.pad_token_id, self.padding_free,
+                                         self.pad_to_multiple_of))
         return batch

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.modeling import generation_attention
+
 
 @dataclass
 class Completion:
@@ -26,8 +28,9 @@ def sample(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, te
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
             # transformers 5.23's generate() crashes on Mixtral with router logits on.
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id, output_router_logits=False, **sampling)
+            with generation_attention(model):
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, output_router_logits=False, **sampling)
             width = batch["input_ids"].shape[1]
             for prompt_ids, prompt_mask, ids in zip(batch["input_ids"], batch["attention_mask"], output[:, width:]):
                 ids = ids.tolist()

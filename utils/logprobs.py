@@ -14,6 +14,9 @@ from torch.utils.checkpoint import checkpoint
 from utils.modeling import router_kwargs
 
 
+# What the collator (utils/data.py) gives the model itself; packed rows carry their sequences' boundaries.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
 # On CPU the log-softmax runs on slices of this many rows of a chunk's logits ([128, 32k] float32 is 16 MB):
 # whole [tokens, vocab] passes stream through memory and, in bf16, cost more than the output layer's matmul.
 CPU_SOFTMAX_ROWS = 128
@@ -30,23 +33,18 @@ def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> to
     return torch.cat(token_logps)
 
 
-def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-                     sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_positions: torch.Tensor,
+                     completion_sequence: torch.Tensor, num_sequences: int,
                      chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its completion tokens' log-probs, and their number ([num_sequences], >= fp32).
 
     hidden: [rows, seq, dim] final hidden states for `input_ids` [rows, seq]; `output_layer` maps them to
-    logits. `completion_mask` marks the tokens that count (prompt and padding 0). Rows hold one sequence
-    each, unless `sequence_ids` [rows, seq] says which of `num_sequences` packed sequences a token is in.
+    logits. `completion_positions` are the flat (row-major) indices of the tokens that count, each predicted by
+    the hidden state just before it in its row; `completion_sequence` says which of `num_sequences` sequences
+    each is in (a row per sequence, or several packed in one row: the same computation).
     """
-    counted = completion_mask[:, 1:].bool()  # the hidden state at t predicts the token at t + 1
-    hidden = hidden[:, :-1][counted]
-    labels = input_ids[:, 1:][counted]
-    if sequence_ids is None:
-        sequence_ids = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-    if num_sequences is None:
-        num_sequences = int(sequence_ids.max()) + 1
-    owners = sequence_ids[:, 1:][counted]
+    hidden = hidden.flatten(0, 1).index_select(0, completion_positions - 1)
+    labels = input_ids.flatten().index_select(0, completion_positions)
     # One chunk keeps its logits for backward; several are recomputed there, so only one is alive at a time.
     recompute = torch.is_grad_enabled() and hidden.requires_grad and labels.shape[0] > chunk_size
     chunks = []
@@ -57,8 +55,8 @@ def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor
         else:
             chunks.append(_token_logps(*args))
     token_logps = torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-    sums = token_logps.new_zeros(num_sequences).index_add(0, owners, token_logps)
-    counts = token_logps.new_zeros(num_sequences).index_add(0, owners, torch.ones_like(token_logps))
+    sums = token_logps.new_zeros(num_sequences).index_add(0, completion_sequence, token_logps)
+    counts = token_logps.new_zeros(num_sequences).index_add(0, completion_sequence, torch.ones_like(token_logps))
     return sums, counts
 
 
@@ -91,15 +89,21 @@ def _run_as_forward(wrapper, unwrapped, fn, inputs: dict):
         restore()
 
 
-def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 4096):
+def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 4096,
+                dtype: torch.dtype = torch.float32):
     """Run a causal LM on a collated batch: (sum_logps, num_tokens, aux_loss or None), per sequence.
 
     `model` may be a distributed wrapper of `unwrapped`; a PEFT model runs with whatever adapters are active.
+    `dtype` is the training's compute precision: other than float32, the body and the output layer both run
+    under autocast to it (log-softmax in float32), whoever calls, so that the policy, a precomputed reference
+    and a frozen one compute alike. accelerate's autocast covers the model's forward only, not our output layer.
     """
     unwrapped = model if unwrapped is None else unwrapped
     base = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
     decoder, output_layer = base.get_decoder(), base.get_output_embeddings()
-    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    packed = "cu_seq_lens_q" in batch  # one row of several sequences
+    num_sequences = batch["cu_seq_lens_q"].shape[0] - 1 if packed else batch["input_ids"].shape[0]
 
     def forward(original_forward, **inputs):
         captured = []
@@ -109,8 +113,9 @@ def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = F
                                        **router_kwargs(base, router_aux_loss))
         finally:
             hook.remove()
-        sums, counts = completion_logps(captured[0], output_layer, batch["input_ids"], batch["completion_mask"],
-                                        batch.get("sequence_ids"), chunk_size=chunk_size)
+        sums, counts = completion_logps(captured[0], output_layer, batch["input_ids"], batch["completion_positions"],
+                                        batch["completion_sequence"], num_sequences, chunk_size=chunk_size)
         return sums, counts, outputs.aux_loss if router_aux_loss else None
 
-    return _run_as_forward(model, unwrapped, forward, inputs)
+    with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return _run_as_forward(model, unwrapped, forward, inputs)

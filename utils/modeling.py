@@ -3,6 +3,7 @@
 This module alone decides the attention and experts implementations, the weights' dtype and the LoRA setup.
 """
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -16,6 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from utils import toy_task
+from utils.attention import PACKED_ATTENTION, cuda_varlen_kernel_available
 from utils.cli import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ PRESETS = {
     # GPU benchmarks: ~1.3B parameters (~0.45B active per token), Mixtral's 8 experts and 32k vocabulary
     "mixtral-1b": dict(hidden_size=2048, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
+    # GPU benchmarks on Mixtral-8x7B's exact layer shapes (so the kernels are the real run's), 2 of its 32 layers:
+    # ~3.2B parameters (1.45B per layer, 0.26B of embeddings and output layer)
+    "mixtral-8x7b-2l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                            num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
 }
 TOY_TOKENIZER_VOCAB_SIZE = 1024
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -44,6 +50,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 LORA_TARGETS_MIXTRAL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Keep packed sequences apart: ours and flash_attention_2 read the collator's cu_seq_lens; transformers' sdpa and
+# eager build a dense block mask from position_ids (only with no attention_mask and no KV cache).
+PACKING_ATTENTION = (PACKED_ATTENTION, "flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
@@ -127,12 +136,38 @@ def use_tokenizer_pad_token(model, tokenizer):
     return model
 
 
-def resolve_attn_implementation(requested: str | None) -> str:
+def resolve_attn_implementation(requested: str | None, packed: bool = False) -> str:
+    """The attention implementation: the requested one, else `varlen` for packed (padding-free) rows, else
+    flash_attention_2 where flash_attn imports and CUDA is present, else sdpa."""
     if requested:
         return requested
+    if packed:
+        return PACKED_ATTENTION
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def packed_rows_by_default(use_cpu: bool, half_precision: bool) -> bool:
+    """Padding-free is the default where packed rows run through a variable-length flash kernel: CUDA, in bf16 or
+    fp16 (flash kernels take no float32). Elsewhere packed rows attend through a dense block mask, so padded rows
+    stay the default."""
+    return not use_cpu and half_precision and cuda_varlen_kernel_available()
+
+
+@contextlib.contextmanager
+def generation_attention(model):
+    """generate() left-pads its prompts, which the packed implementation (right padding only) cannot mask:
+    sdpa stands in while generating."""
+    implementation = model.config._attn_implementation
+    if implementation != PACKED_ATTENTION:
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(implementation)
 
 
 def resolve_dtype(args: ModelArguments):
@@ -171,13 +206,14 @@ AUTOCAST_GROUPED_MM = "autocast_grouped_mm"
 ALL_EXPERTS_FUNCTIONS.register(AUTOCAST_GROUPED_MM, autocast_grouped_mm_experts_forward)
 
 
-def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None):
-    """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint."""
+def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, packed: bool = False):
+    """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint;
+    `packed`: it will see padding-free rows (see resolve_attn_implementation)."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     if args.load_in_fp8 and (args.is_preset or not args.use_peft):
         raise ValueError("--load_in_fp8 quantizes a checkpoint's frozen weights under LoRA: it needs --use_peft and "
                          "a checkpoint, not a preset")
-    attn = resolve_attn_implementation(args.attn_implementation)
+    attn = resolve_attn_implementation(args.attn_implementation, packed)
     dtype = resolve_dtype(args)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     if args.is_preset:

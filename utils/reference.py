@@ -23,6 +23,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from utils.attention import packs_linearly
 from utils.logprobs import model_logps
 
 logger = logging.getLogger(__name__)
@@ -163,56 +165,83 @@ def reference_fingerprint(model_args, model, dataset, data_args, dtype: torch.dt
 # -------------------------------------------------------------------------------------------- scoring
 
 def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
-    """Row indices in batches of similar length (longest first), so little compute goes to padding."""
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(dataset["prompt_input_ids"], dataset["chosen_input_ids"], dataset["rejected_input_ids"])]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    """Row indices in batches of similar length (longest first), so little compute goes to padding. Lengths come
+    from the Arrow columns' offsets: no token list is turned into Python objects."""
+    table = dataset.select_columns(list(ID_COLUMNS)).with_format("arrow")
+    lengths = []
+    for batch in table.iter(batch_size=100_000):
+        prompt, chosen, rejected = (pc.list_value_length(batch[column]).to_numpy(zero_copy_only=False)
+                                    for column in ID_COLUMNS)
+        lengths.append(prompt + np.maximum(chosen, rejected))
+    order = np.argsort(-np.concatenate(lengths), kind="stable").tolist()
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def scoring_collator(collator, model, device: torch.device, dtype: torch.dtype):
+    """The collator for scoring: packed rows where attention costs the sequences' own lengths (a variable-length
+    flash kernel), else length-sorted padded rows, whose widths are rounded up on GPUs so that shapes repeat (a new
+    shape costs a new cuDNN attention plan, ~80 ms). A big batch in one packed row through a dense mask would cost
+    the square of its total length."""
+    if collator.padding_free and packs_linearly(model.config._attn_implementation, device, dtype):
+        return collator
+    return dataclasses.replace(collator, padding_free=False, pad_to_multiple_of=64 if device.type == "cuda" else None)
 
 
 @torch.no_grad()
 def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype = torch.float32,
-                  desc: str = "reference log-probs", unwrapped=None):
+                  desc: str = "reference log-probs", unwrapped=None, chunk_size: int = 4096):
     """(chosen_logps, rejected_logps), float32 tensors of shape [len(dataset)], in dataset order.
 
-    `model` may be a distributed wrapper (DDP, FSDP, a DeepSpeed engine) of `unwrapped`.
-    `dtype` other than float32 scores under autocast, as mixed-precision training computes the policy."""
+    `model` may be a distributed wrapper (DDP, FSDP, a DeepSpeed engine) of `unwrapped`. `dtype` is the
+    training's compute precision and `chunk_size` its output-layer chunk (`utils.logprobs.model_logps`).
+    The sums stay on the device until the end: no host sync per batch, so batches queue up on a GPU."""
     state = PartialState()
     device = state.device
+    unwrapped = model if unwrapped is None else unwrapped
     model.eval()
-    # Length-sorted padded batches waste little, where one packed row of a big batch would make sdpa attend
-    # over (and mask) the whole row: quadratic in the batch's total length.
-    collator = dataclasses.replace(collator, padding_free=False)
+    collator = scoring_collator(collator, unwrapped, device, dtype)
+    id_columns = dataset.select_columns(list(ID_COLUMNS))
     all_batches = length_sorted_batches(dataset, batch_size)
     my_batches = all_batches[state.process_index::state.num_processes]  # round-robin keeps ranks balanced
     # Sharded engines gather weights inside every forward (a collective), and DDP syncs buffers: every rank
     # must run as many forwards. A rank one batch short reruns the shortest batch and drops the result.
     rounds = -(-len(all_batches) // state.num_processes)
     padded = my_batches + all_batches[-1:] * (rounds - len(my_batches))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    indices, chosen, rejected = [], [], []
+    chosen, rejected = [], []
     for step, batch_indices in enumerate(tqdm(padded, desc=desc, disable=not state.is_local_main_process)):
-        batch = {key: value.to(device) for key, value in collator([dataset[i] for i in batch_indices]).items()}
-        with autocast:
-            sums, _, _ = model_logps(model, batch, unwrapped=unwrapped)
-        if step >= len(my_batches):
-            continue
-        chosen_sums, rejected_sums = sums.float().cpu().chunk(2)
-        indices += batch_indices
-        chosen += chosen_sums.tolist()
-        rejected += rejected_sums.tolist()
+        columns = id_columns[batch_indices]
+        batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])
+        batch = {key: to_device(value, device) for key, value in batch.items()}
+        sums, _, _ = model_logps(model, batch, unwrapped=unwrapped, chunk_size=chunk_size, dtype=dtype)
+        if step < len(my_batches):
+            chosen_sums, rejected_sums = sums.float().chunk(2)
+            chosen.append(chosen_sums)
+            rejected.append(rejected_sums)
     for module in model.modules():  # FSDP2 keeps the root's weights gathered after a forward: shard them again
         if isinstance(module, FSDPModule):
             module.reshard()
+    indices = [i for batch_indices in my_batches for i in batch_indices]
+    chosen = torch.cat(chosen).cpu() if chosen else torch.empty(0)  # one device-to-host copy
+    rejected = torch.cat(rejected).cpu() if rejected else torch.empty(0)
     if state.num_processes > 1:
         shards = [None] * state.num_processes
         dist.all_gather_object(shards, (indices, chosen, rejected))
-        indices, chosen, rejected = ([x for shard in shards for x in shard[k]] for k in range(3))
+        indices = [i for shard in shards for i in shard[0]]
+        chosen, rejected = torch.cat([shard[1] for shard in shards]), torch.cat([shard[2] for shard in shards])
     chosen_logps = torch.empty(len(dataset))
     rejected_logps = torch.empty(len(dataset))
-    chosen_logps[indices] = torch.tensor(chosen)
-    rejected_logps[indices] = torch.tensor(rejected)
+    chosen_logps[indices] = chosen
+    rejected_logps[indices] = rejected
     return chosen_logps, rejected_logps
+
+
+def to_device(value, device: torch.device):
+    """A batch value on `device`; on CUDA through pinned memory without waiting (a pageable copy syncs the stream)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if device.type == "cuda":
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -309,10 +338,10 @@ def load_cached_logps(dataset, *, fingerprint: str, cache_dir: str, split: str):
 
 
 def score_and_cache(dataset, model, collator, *, fingerprint: str, cache_dir: str, batch_size: int, split: str,
-                    dtype: torch.dtype = torch.float32, unwrapped=None):
+                    dtype: torch.dtype = torch.float32, unwrapped=None, chunk_size: int = 4096):
     """Score `dataset` (no cache lookup: the caller has looked), save the cache file, add the columns."""
-    chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype,
-                                     desc=f"reference log-probs ({split})", unwrapped=unwrapped)
+    chosen, rejected = score_dataset(model, dataset, collator, batch_size, dtype, desc=f"reference log-probs ({split})",
+                                     unwrapped=unwrapped, chunk_size=chunk_size)
     tensors = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
     if PartialState().is_main_process:
         path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
