@@ -9,6 +9,7 @@ The file then feeds any script through --dataset_name pairs.jsonl.
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from utils import toy_task
@@ -32,9 +33,10 @@ class PairArguments:
     top_p: float = 1.0
 
 
-def main():
-    pair_args, model_args = parse_args((PairArguments, ModelArguments))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+def main(argv: list[str] | None = None):
+    pair_args, model_args = parse_args((PairArguments, ModelArguments), argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True,
+                        handlers=[logging.StreamHandler(sys.stdout)])
     labels = dict(labeling=pair_args.labeling, bt_temperature=pair_args.bt_temperature)
     if pair_args.source == "generator":
         pairs = toy_task.generator_pairs(pair_args.num_pairs, pair_args.seed, **labels)

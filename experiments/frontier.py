@@ -1,78 +1,183 @@
 """The DPO paper's controlled-sentiment study (its Figure 2) at toy scale: reward vs KL frontier.
 
-    .venv/bin/python experiments/frontier.py            # default sizes: ~30-45 minutes on 2 CPU cores
-    .venv/bin/python experiments/frontier.py --quick    # a reduced run in a few minutes (used by the tests)
+    .venv/bin/python experiments/frontier.py --jobs 2     # default sizes, 3 seeds: ~16 minutes on 2 CPU cores
+    .venv/bin/python experiments/frontier.py --quick      # reduced sizes, 1 seed, ~1.5 minutes (the tests use it)
+    .venv/bin/python experiments/frontier.py --tune_ppo --jobs 2   # PPO's learning rate x epochs: ~5 minutes
 
-SFT on the toy corpus; preference pairs sampled from the SFT policy for toy prompts and labelled by
-the ground truth (VADER); then DPO at several beta, reward model + PPO at several KL coefficients,
-PPO-GT (PPO on the ground-truth reward), Preferred-FT (SFT on the chosen completions) and best-of-N
-sampling from SFT under the learned reward. Every policy is evaluated by eval_policy.py on held-out
-prompts: mean ground-truth reward (y) against KL to the SFT policy (x). Writes frontier.png,
-frontier.csv and frontier.md (with compute: wall time, estimated forward/backward tokens, and the
-preference pairs or reward queries each method used) to --output_dir.
+SFT on the toy corpus; preference pairs sampled from the SFT policy for toy prompts and labelled by the ground truth
+(VADER). The SFT policy and the pairs are shared by every run; then, for each of --seeds seeds: DPO at several beta,
+a reward model, PPO against it at several KL coefficients, PPO-GT (PPO on the ground-truth reward) at the same
+coefficients and episodes, Preferred-FT (SFT on the chosen completions) and best-of-N sampling from SFT under the
+learned reward. The seed sets each run's training (data order, rollouts, the reward model's) and its evaluation
+samples. Every policy is evaluated by eval_policy.py on held-out test prompts: mean ground-truth reward (y) against
+KL to the SFT policy (x). Each point is the mean over seeds with a 95% t-interval. Writes frontier.png (error bars),
+frontier.csv (mean and interval half-width per method), frontier_seeds.csv (every run) and frontier.md (the table
+with each method's budget: preference pairs, reward queries, estimated forward/backward tokens, wall time; and the
+differences between methods, with intervals paired by seed) to --output_dir.
+
+--tune_ppo trains PPO against the seed-0 reward model for each learning rate and number of PPO epochs in TUNING_GRID
+at the middle KL coefficient and evaluates it on validation prompts (not the test prompts); it picks the setting with
+the highest KL-regularised objective that PPO maximises, measured with the learned reward (no ground truth), and
+writes ppo_tuning.csv and ppo_tuning.md. The chosen values go in configs/ppo_toy.yaml by hand.
 """
 
 import argparse
+import concurrent.futures
+import contextlib
 import csv
+import importlib
 import json
+import logging
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
+import traceback
+
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 SIZES = {  # default / --quick
-    "preset": ("mixtral-toy", "mixtral-tiny"),
-    "sft_reviews": (4000, 256),
-    "pairs": (2000, 128),
+    "preset": ("mixtral-toy", "mixtral-toy"),
+    "sft_reviews": (4000, 1000),
+    "pairs": (2000, 512),
     "betas": ((0.05, 0.1, 0.5, 2.0), (0.1, 1.0)),
-    "kl_coefs": ((0.02, 0.1, 0.5), (0.1,)),
-    "ppo_episodes": (1024, 64),
+    "kl_coefs": ((0.1, 0.3, 1.0), (0.1,)),
+    "ppo_episodes": (1024, 128),
     "ppo_batch": ((16, 4), (8, 2)),  # per_device_train_batch_size, gradient_accumulation_steps
-    "eval_prompts": (256, 16),
+    "eval_prompts": (256, 64),
     "best_of_n": (16, 4),
-    "max_new_tokens": (32, 12),
+    "max_new_tokens": (32, 16),
+    "seeds": (3, 1),
 }
+TUNING_GRID = {"learning_rate": (1e-4, 3e-4, 1e-3, 3e-3), "num_ppo_epochs": (2, 4)}
+VALIDATION_PROMPT_SEED = 20_000  # the test prompts are eval_policy's default prompt_seed (10,000)
+PPO_CONFIG = os.path.join(REPO, "configs", "ppo_toy.yaml")
+DATA_FLAGS = ("--eval_fraction", "0.1", "--max_length", "128")
 
 
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes and 1 seed (a few minutes)")
+    parser.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
+    parser.add_argument("--tune_ppo", action="store_true", help="run PPO's tuning grid instead of the study")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at once, each with cores / jobs threads (evaluations run one at a time)")
     parser.add_argument("--output_dir", default="outputs/frontier")
     args = parser.parse_args()
     args.size = {key: value[1 if args.quick else 0] for key, value in SIZES.items()}
+    args.seeds = args.seeds or args.size["seeds"]
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     return args
 
 
-def run(step: str, script: str, *flags, log_dir: str) -> float:
-    """Run one of our scripts in its own process; its output goes to <log_dir>/<step>.log. Returns wall seconds."""
-    start = time.perf_counter()
-    with open(os.path.join(log_dir, f"{step}.log"), "w") as log:
-        result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, flags)], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, TQDM_DISABLE="1"))
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"{step} failed (exit {result.returncode}); see {log_dir}/{step}.log")
-    print(f"{step}: {seconds:.0f} s", flush=True)
-    return seconds
+class Steps:
+    """Our scripts' runs, each with its output in <log_dir>/<step>.log. With jobs > 1, up to `jobs` processes at
+    once; with one job, each script's main(argv) in this process, one after the other: a process would add nothing
+    but its imports (~7 s a run)."""
 
+    def __init__(self, jobs: int, log_dir: str):
+        self.log_dir, self.pool, self.in_process = log_dir, concurrent.futures.ThreadPoolExecutor(jobs), jobs == 1
+        self.env = dict(os.environ)
+        if jobs > 1:  # share the cores instead of oversubscribing them
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def run(self, step: str, script: str, *flags, after: concurrent.futures.Future | None = None) -> float:
+        """Wall seconds of the step, once `after` (a step it needs) has finished."""
+        if after is not None:
+            after.result()
+        start = time.perf_counter()
+        with open(os.path.join(self.log_dir, f"{step}.log"), "w") as log:
+            if self.in_process:
+                succeeded = run_main(script, [str(flag) for flag in flags], log)
+            else:
+                succeeded = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, flags)], cwd=REPO,
+                                           stdout=log, stderr=subprocess.STDOUT, env=self.env).returncode == 0
+        seconds = time.perf_counter() - start
+        if not succeeded:
+            raise RuntimeError(f"{step} failed; see {self.log_dir}/{step}.log")
+        print(f"{step}: {seconds:.0f} s", flush=True)
+        return seconds
+
+    def submit(self, step: str, script: str, *flags, after=None) -> concurrent.futures.Future:
+        """`run` in the pool; submit a step after the steps it needs, so that they start first. In process, the step
+        runs now, in the main thread (where the scripts' signal handlers must be installed)."""
+        if not self.in_process:
+            return self.pool.submit(self.run, step, script, *flags, after=after)
+        future = concurrent.futures.Future()
+        future.set_result(self.run(step, script, *flags, after=after))
+        return future
+
+
+def run_main(script: str, argv: list[str], log) -> bool:
+    """`script`'s main(argv) in this process with its output in `log`; whether it succeeded (a failure's traceback
+    goes to the log, as a failed process's would)."""
+    module = importlib.import_module(os.path.splitext(script)[0])
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            module.main(argv)
+            return True
+        except (Exception, SystemExit):  # noqa: BLE001 -- reported like a failed process's exit
+            traceback.print_exc(file=log)
+            return False
+        finally:
+            logging.basicConfig(force=True)  # the script's log handler writes to `log`, closed next
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (scipy is not a dependency; the standard library has
+# only the normal distribution, used beyond 30).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(degrees_of_freedom: int) -> float:
+    return T_975[degrees_of_freedom - 1] if degrees_of_freedom <= len(T_975) else statistics.NormalDist().inv_cdf(0.975)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval over independent runs (nan for a single run, or a metric a
+    method does not have)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2 or math.isnan(mean):
+        return mean, math.nan
+    return mean, t_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def difference_interval(a: list[float], b: list[float]) -> tuple[float, float]:
+    """mean(a - b) over seeds and the half-width of its 95% t-interval, a[i] and b[i] being runs with seed i.
+
+    Paired by seed: a seed's evaluations sample every method with the same random numbers on the same prompts, so
+    what sampling adds to both rewards (spreading SFT's mean reward over ~0.1 between seeds) mostly cancels in their
+    difference. The pairs are independent across seeds, so the interval holds however correlated a and b are."""
+    if len(a) != len(b):
+        raise ValueError(f"paired runs needed: {len(a)} and {len(b)} seeds")
+    return mean_interval([x - y for x, y in zip(a, b)])
+
+
+# ------------------------------------------------------------------------------------------------ the study
 
 def pair_token_counts(pairs_file: str, sft_dir: str) -> dict:
-    """Token totals of the pairs, for the compute estimates."""
+    """Pairs labelled, and token totals of the pairs trained on (the train split), for the budgets."""
     from utils.data import DataArguments, load_preference_data
     from utils.modeling import ModelArguments, load_tokenizer
 
-    pairs = load_preference_data(DataArguments(dataset_name=pairs_file),
-                                 load_tokenizer(ModelArguments(model_name_or_path=sft_dir)))["train"]
-    prompt = sum(map(len, pairs["prompt_input_ids"]))
-    return {"pairs": len(pairs), "prompt": prompt, "chosen": sum(map(len, pairs["chosen_input_ids"])),
-            "rejected": sum(map(len, pairs["rejected_input_ids"]))}
+    splits = load_preference_data(DataArguments(dataset_name=pairs_file, eval_fraction=float(DATA_FLAGS[1]),
+                                                max_length=int(DATA_FLAGS[3])),
+                                  load_tokenizer(ModelArguments(model_name_or_path=sft_dir)))
+    train = splits["train"]
+    return {"pairs": sum(map(len, splits.values())), "train_pairs": len(train),
+            "prompt": sum(map(len, train["prompt_input_ids"])), "chosen": sum(map(len, train["chosen_input_ids"])),
+            "rejected": sum(map(len, train["rejected_input_ids"]))}
 
 
-def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int = 0) -> dict:
+def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int) -> dict:
     """Sample N completions per held-out prompt from SFT, keep the one the learned reward likes best."""
     import torch
 
@@ -83,7 +188,7 @@ def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int = 0) -> dict:
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=sft_dir))
     policy = load_model(ModelArguments(model_name_or_path=sft_dir), tokenizer)
-    judge = make_judge(reward_dir, tokenizer)
+    judge = make_judge(reward_dir)
     prompts = toy_task.make_prompts(size["eval_prompts"], seed=EvalArguments.prompt_seed)
     torch.manual_seed(seed)
     candidates = [sample_completions(policy, tokenizer, prompts, max_new_tokens=size["max_new_tokens"])
@@ -94,82 +199,161 @@ def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int = 0) -> dict:
     n = size["best_of_n"]
     rewards = toy_task.ground_truth_reward(chosen)
     # KL of best-of-n to its base policy, the standard analytic value (Stiennon et al. 2020)
-    return {"mean_reward": sum(rewards) / len(rewards), "kl": math.log(n) - (n - 1) / n,
+    return {"mean_reward": statistics.fmean(rewards), "kl": math.log(n) - (n - 1) / n, "win_rate": math.nan,
             "reward_queries": n * len(prompts), "tokens": n * len(prompts) * size["max_new_tokens"]}
 
 
-def main():
-    args = parse()
-    size, out = args.size, os.path.abspath(args.output_dir)
-    logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
-    sft, pairs_file, reward = os.path.join(out, "sft"), os.path.join(out, "pairs.jsonl"), os.path.join(out, "reward")
-    policies = {}  # method label -> (checkpoint, wall seconds, tokens, pairs or reward queries)
-
-    sft_seconds = run("sft", "train_sft.py", "configs/sft_toy.yaml", "--model_name_or_path", size["preset"],
-                      "--toy_num_reviews", size["sft_reviews"], "--output_dir", sft, log_dir=logs)
-    run("pairs", "make_toy_pairs.py", "--source", "policy", "--model_name_or_path", sft, "--num_pairs",
-        size["pairs"], "--max_new_tokens", size["max_new_tokens"], "--output_file", pairs_file, log_dir=logs)
-    tokens = pair_token_counts(pairs_file, sft)
-    pair_tokens = 2 * tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
-    data = ["--dataset_name", pairs_file, "--eval_fraction", "0.1", "--max_length", "128"]
-
-    for beta in size["betas"]:
-        path = os.path.join(out, f"dpo_beta{beta}")
-        seconds = run(f"dpo_beta{beta}", "train_dpo.py", "configs/dpo_toy.yaml", "--model_name_or_path", sft,
-                      "--beta", beta, "--output_dir", path, "--toy_reward_prompts", 0, "--eval_strategy", "no",
-                      "--ref_logps_cache_dir", os.path.join(out, "ref_cache"), *data, log_dir=logs)
-        # 2 epochs of forward+backward on every pair, plus one reference forward
-        policies[f"DPO beta={beta}"] = (path, seconds, 3 * pair_tokens, tokens["pairs"])
-
-    path = os.path.join(out, "preferred_ft")
-    seconds = run("preferred_ft", "train_sft.py", "--model_name_or_path", sft, "--output_dir", path,
-                  "--num_train_epochs", 1, "--learning_rate", 5e-4, *data, log_dir=logs)
-    policies["Preferred-FT"] = (path, seconds, tokens["prompt"] + tokens["chosen"], tokens["pairs"])
-
-    reward_seconds = run("reward", "train_reward.py", "configs/reward_toy.yaml", "--model_name_or_path", sft,
-                         "--output_dir", reward, *data, log_dir=logs)
-    reward_tokens = 2 * pair_tokens  # 2 epochs over both sides of every pair
-    # per PPO episode: generation, reference, reward and value forwards, 4 policy+value epochs of fwd+bwd
-    episode_tokens = (tokens["prompt"] / tokens["pairs"] + size["max_new_tokens"]) * (4 + 4 * 2)
-    ppo = ["--total_episodes", size["ppo_episodes"], "--response_length", size["max_new_tokens"],
-           "--per_device_train_batch_size", size["ppo_batch"][0], "--gradient_accumulation_steps", size["ppo_batch"][1]]
-    for kl_coef in size["kl_coefs"]:
-        path = os.path.join(out, f"ppo_kl{kl_coef}")
-        seconds = run(f"ppo_kl{kl_coef}", "train_ppo.py", "configs/ppo_toy.yaml", "--model_name_or_path", sft,
-                      "--reward_model_path", reward, "--kl_coef", kl_coef, *ppo, "--output_dir", path, *data,
-                      log_dir=logs)
-        policies[f"PPO kl={kl_coef}"] = (path, reward_seconds + seconds,
-                                         reward_tokens + episode_tokens * size["ppo_episodes"], tokens["pairs"])
-    path = os.path.join(out, "ppo_gt")
-    seconds = run("ppo_gt", "train_ppo.py", "configs/ppo_toy.yaml", "--model_name_or_path", sft,
-                  "--reward_model_path", "ground_truth", "--kl_coef", size["kl_coefs"][0], *ppo, "--output_dir", path,
-                  *data, log_dir=logs)
-    policies["PPO-GT"] = (path, seconds, episode_tokens * size["ppo_episodes"], size["ppo_episodes"])
-
-    rows = [{"method": "SFT", "kl": 0.0, **evaluate(sft, sft, size, logs), "wall_s": sft_seconds, "tokens": 0,
-             "pairs_or_reward_queries": 0}]
-    for method, (path, seconds, method_tokens, used) in policies.items():
-        rows.append({"method": method, **evaluate(path, sft, size, logs), "wall_s": seconds,
-                     "tokens": int(method_tokens), "pairs_or_reward_queries": used})
-        print(f"{method}: reward {rows[-1]['mean_reward']:.3f}, KL {rows[-1]['kl']:.2f}", flush=True)
-    start = time.perf_counter()
-    bon = best_of_n(sft, reward, size)
-    rows.append({"method": f"Best-of-{size['best_of_n']}", "mean_reward": bon["mean_reward"], "kl": bon["kl"],
-                 "win_rate": float("nan"), "wall_s": reward_seconds + time.perf_counter() - start,
-                 "tokens": int(reward_tokens + bon["tokens"]), "pairs_or_reward_queries": bon["reward_queries"]})
-    write_outputs(rows, out, args)
-
-
-def evaluate(policy: str, reference: str, size: dict, logs: str) -> dict:
+def evaluate(policy: str, reference: str, size: dict, logs: str, seed: int, **overrides) -> dict:
     from eval_policy import EvalArguments, evaluate_policy
 
-    results = evaluate_policy(EvalArguments(policy_path=policy, reference_path=reference,
+    results = evaluate_policy(EvalArguments(policy_path=policy, reference_path=reference, sample_seed=seed,
                                             num_prompts=size["eval_prompts"], max_new_tokens=size["max_new_tokens"],
-                                            num_eval_pairs=0))
-    with open(os.path.join(logs, f"eval_{os.path.basename(policy)}.json"), "w") as f:
+                                            num_eval_pairs=0, **overrides))
+    name = os.path.basename(policy) + "".join(f"_{key}" for key in overrides)  # e.g. _judge_prompt_seed
+    with open(os.path.join(logs, f"eval_{name}_seed{seed}.json"), "w") as f:
         json.dump(results, f, indent=2)
     return {"mean_reward": results["mean_reward"], "kl": results["kl"], "win_rate": results["win_rate"]}
+
+
+def prepare(size: dict, out: str, steps: Steps) -> dict:
+    """The SFT policy and the preference pairs that every run shares."""
+    sft, pairs_file = os.path.join(out, "sft"), os.path.join(out, "pairs.jsonl")
+    sft_seconds = steps.run("sft", "train_sft.py", "configs/sft_toy.yaml", "--model_name_or_path", size["preset"],
+                            "--toy_num_reviews", size["sft_reviews"], "--output_dir", sft)
+    steps.run("pairs", "make_toy_pairs.py", "--source", "policy", "--model_name_or_path", sft, "--num_pairs",
+              size["pairs"], "--max_new_tokens", size["max_new_tokens"], "--output_file", pairs_file)
+    return {"sft": sft, "sft_seconds": sft_seconds, "pairs_file": pairs_file,
+            "data": ["--dataset_name", pairs_file, *DATA_FLAGS], "tokens": pair_token_counts(pairs_file, sft)}
+
+
+def ppo_flags(size: dict) -> list:
+    return ["--total_episodes", size["ppo_episodes"], "--response_length", size["max_new_tokens"],
+            "--per_device_train_batch_size", size["ppo_batch"][0],
+            "--gradient_accumulation_steps", size["ppo_batch"][1]]
+
+
+def submit_reward_model(shared: dict, out: str, steps: Steps, seed: int) -> tuple[str, concurrent.futures.Future]:
+    path = os.path.join(out, f"reward_seed{seed}")
+    return path, steps.submit(f"reward_seed{seed}", "train_reward.py", "configs/reward_toy.yaml",
+                              "--model_name_or_path", shared["sft"], "--seed", seed, "--output_dir", path,
+                              *shared["data"])
+
+
+def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> dict:
+    """Every method's training with one seed, submitted to the pool. Returns the reward model (path, future) and,
+    per method, (checkpoint, future of wall seconds, tokens, preference pairs, reward queries)."""
+    sft, data, tokens = shared["sft"], shared["data"], shared["tokens"]
+    pair_tokens = 2 * tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
+    with open(PPO_CONFIG) as f:
+        ppo_config = yaml.safe_load(f)
+    # PPO's reward queries and tokens: the normalisation samples, then per episode generation, reference, reward and
+    # value forwards and num_ppo_epochs policy+value forward+backward passes
+    normalization_samples = min(ppo_config.get("reward_normalization_samples", 0), tokens["train_pairs"])
+    sequence = tokens["prompt"] / tokens["train_pairs"] + size["max_new_tokens"]
+    ppo_tokens = sequence * (2 * normalization_samples + (4 + 2 * ppo_config["num_ppo_epochs"]) * size["ppo_episodes"])
+    ppo_queries = normalization_samples + size["ppo_episodes"]
+    methods = {}
+
+    reward, reward_future = submit_reward_model(shared, out, steps, seed)  # first: the PPO runs wait for it
+    for beta in size["betas"]:
+        name = f"dpo_beta{beta}_seed{seed}"
+        future = steps.submit(name, "train_dpo.py", "configs/dpo_toy.yaml", "--model_name_or_path", sft, "--beta",
+                              beta, "--seed", seed, "--output_dir", os.path.join(out, name), "--toy_reward_prompts",
+                              0, "--eval_strategy", "no", "--ref_logps_cache_dir", os.path.join(out, "ref_cache"),
+                              *data)
+        # 2 epochs of forward+backward on every pair, plus one reference forward
+        methods[f"DPO beta={beta}"] = (os.path.join(out, name), future, 3 * pair_tokens, tokens["pairs"], 0)
+
+    name = f"preferred_ft_seed{seed}"
+    future = steps.submit(name, "train_sft.py", "--model_name_or_path", sft, "--output_dir", os.path.join(out, name),
+                          "--num_train_epochs", 1, "--learning_rate", 5e-4, "--seed", seed, *data)
+    methods["Preferred-FT"] = (os.path.join(out, name), future, tokens["prompt"] + tokens["chosen"], tokens["pairs"],
+                               0)
+
+    reward_tokens = 2 * pair_tokens  # 2 epochs over both sides of every pair
+    for kl_coef in size["kl_coefs"]:
+        for method, reward_path, prefix in ((f"PPO kl={kl_coef}", reward, "ppo"),
+                                            (f"PPO-GT kl={kl_coef}", "ground_truth", "ppo_gt")):
+            name = f"{prefix}_kl{kl_coef}_seed{seed}"
+            learned = reward_path == reward  # reward model + PPO also pays for the reward model and uses the pairs
+            future = steps.submit(name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", sft,
+                                  "--reward_model_path", reward_path, "--kl_coef", kl_coef, "--seed", seed,
+                                  *ppo_flags(size), "--output_dir", os.path.join(out, name), *data,
+                                  after=reward_future if learned else None)
+            methods[method] = (os.path.join(out, name), future, reward_tokens * learned + ppo_tokens,
+                               tokens["pairs"] * learned, ppo_queries)
+    return {"reward": (reward, reward_future), "reward_tokens": reward_tokens, "methods": methods}
+
+
+def evaluate_seed(seed: int, submitted: dict, shared: dict, size: dict, logs: str) -> list[dict]:
+    """Every method of one seed evaluated on the test prompts (with that seed's samples): one row per method."""
+    sft, pairs = shared["sft"], shared["tokens"]["pairs"]
+    reward, reward_future = submitted["reward"]
+    reward_seconds = reward_future.result()
+    rows = [{"method": "SFT", "seed": seed, **evaluate(sft, sft, size, logs, seed), "wall_s": shared["sft_seconds"],
+             "tokens": 0, "pairs": 0, "reward_queries": 0}]
+    for method, (path, future, method_tokens, method_pairs, queries) in submitted["methods"].items():
+        seconds = future.result() + (reward_seconds if method.startswith("PPO kl") else 0)
+        rows.append({"method": method, "seed": seed, **evaluate(path, sft, size, logs, seed), "wall_s": seconds,
+                     "tokens": int(method_tokens), "pairs": method_pairs, "reward_queries": queries})
+        print(f"{method} seed {seed}: reward {rows[-1]['mean_reward']:.3f}, KL {rows[-1]['kl']:.2f}", flush=True)
+    start = time.perf_counter()
+    bon = best_of_n(sft, reward, size, seed)
+    rows.append({"method": f"Best-of-{size['best_of_n']}", "seed": seed, "mean_reward": bon["mean_reward"],
+                 "kl": bon["kl"], "win_rate": bon["win_rate"], "wall_s": reward_seconds + time.perf_counter() - start,
+                 "tokens": int(submitted["reward_tokens"] + bon["tokens"]), "pairs": pairs,
+                 "reward_queries": bon["reward_queries"]})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per method (in first-seen order): mean and 95% half-width of reward, KL and win rate over seeds."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    summary = []
+    for method in methods:
+        runs = [row for row in rows if row["method"] == method]
+        entry = {"method": method, "seeds": len(runs)}
+        for metric in ("mean_reward", "kl", "win_rate"):
+            entry[metric], entry[f"{metric}_ci95"] = mean_interval([row[metric] for row in runs])
+        entry["wall_s"] = statistics.fmean(row["wall_s"] for row in runs)
+        for budget in ("tokens", "pairs", "reward_queries"):
+            entry[budget] = runs[0][budget]
+        summary.append(entry)
+    return summary
+
+
+def plus_minus(mean: float, half_width: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(half_width) else f" ± {half_width:.{digits}f}")
+
+
+def comparisons(rows: list[dict], size: dict) -> list[str]:
+    """Markdown: reward differences between methods, each with its 95% interval (paired by seed)."""
+    def values(method, metric="mean_reward"):
+        return [row[metric] for row in sorted(rows, key=lambda row: row["seed"]) if row["method"] == method]
+
+    def cell(a, b):
+        difference, half_width = difference_interval(values(a), values(b))
+        text = plus_minus(difference, half_width, 3)
+        return f"**{text}**" if half_width < abs(difference) else text  # bold: the interval excludes 0
+
+    dpo = [f"DPO beta={beta}" for beta in size["betas"]]
+    others = ["SFT", "Preferred-FT", *(f"{m} kl={c}" for m in ("PPO", "PPO-GT") for c in size["kl_coefs"]),
+              f"Best-of-{size['best_of_n']}"]
+    lines = ["", "Mean ground-truth reward of the row's method minus the column's, with the 95% t-interval of the "
+                 "per-seed differences (bold: it excludes 0). KL to SFT, for reading each difference at its KL budget:",
+             "", "| | " + " | ".join(f"{m} (KL {statistics.fmean(values(m, 'kl')):.2f})" for m in others) + " |",
+             "| --- |" + " ---: |" * len(others)]
+    lines += [f"| {a} (KL {statistics.fmean(values(a, 'kl')):.2f}) | " + " | ".join(cell(a, b) for b in others)
+              + " |" for a in dpo]
+    lines += ["", "PPO on the ground truth minus PPO on the learned reward, same KL coefficient: reward "
+                  "and KL differences:", "", "| kl_coef | reward | KL |", "| --- | ---: | ---: |"]
+    for kl_coef in size["kl_coefs"]:
+        gt, rm = f"PPO-GT kl={kl_coef}", f"PPO kl={kl_coef}"
+        kl_difference = difference_interval(values(gt, "kl"), values(rm, "kl"))
+        lines.append(f"| {kl_coef} | {cell(gt, rm)} | {plus_minus(*kl_difference, 2)} |")
+    return lines
 
 
 def write_outputs(rows: list[dict], out: str, args) -> None:
@@ -178,34 +362,146 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(out, "frontier.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| method | mean GT reward | KL to SFT (nats) | win rate vs SFT | wall time (s) | fwd/bwd tokens (est.) "
-             "| pairs / reward queries |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['mean_reward']:.3f} | {r['kl']:.2f} | {r['win_rate']:.2f} | "
-                     f"{r['wall_s']:.0f} | {r['tokens']:,} | {r['pairs_or_reward_queries']:,} |")
+    summary = summarize(rows)
+    for name, table in (("frontier_seeds.csv", rows), ("frontier.csv", summary)):
+        with open(os.path.join(out, name), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    seeds = summary[0]["seeds"]
+    lines = [f"Mean over {seeds} seed{'s' if seeds > 1 else ''}" + (" ± the half-width of its 95% t-interval"
+                                                                     if seeds > 1 else " (no interval from one seed)")
+             + f"; {args.size['eval_prompts']} test prompts per evaluation.", "",
+             "| method | mean GT reward | KL to SFT (nats) | win rate vs SFT | preference pairs | reward queries "
+             "| fwd/bwd tokens (est.) | wall time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary:
+        lines.append(f"| {r['method']} | {plus_minus(r['mean_reward'], r['mean_reward_ci95'], 3)} | "
+                     f"{plus_minus(r['kl'], r['kl_ci95'], 2)} | {plus_minus(r['win_rate'], r['win_rate_ci95'], 2)} | "
+                     f"{r['pairs']:,} | {r['reward_queries']:,} | {r['tokens']:,} | {r['wall_s']:.0f} |")
+    if seeds > 1:
+        lines += comparisons(rows, args.size)
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    figure, axes = plt.subplots(figsize=(6.5, 4.5))
+    figure, axes = plt.subplots(figsize=(7, 4.8))
     for family, marker in (("DPO", "o"), ("PPO kl", "s"), ("PPO-GT", "^"), ("Preferred-FT", "D"), ("Best-of", "*"),
                            ("SFT", "x")):
-        points = sorted((r["kl"], r["mean_reward"]) for r in rows if r["method"].startswith(family))
+        points = sorted((r["kl"], r["mean_reward"], r["kl_ci95"], r["mean_reward_ci95"]) for r in summary
+                        if r["method"].startswith(family))
         if points:
-            axes.plot(*zip(*points), marker=marker, linestyle="-" if len(points) > 1 else "",
-                      label=family.replace(" kl", ""))
+            kl, reward, kl_error, reward_error = zip(*points)
+            axes.errorbar(kl, reward, xerr=[0 if math.isnan(e) else e for e in kl_error],
+                          yerr=[0 if math.isnan(e) else e for e in reward_error], marker=marker, capsize=3,
+                          linestyle="-" if len(points) > 1 else "", label=family.replace(" kl", ""))
     axes.set_xlabel("KL(policy || SFT), nats per completion")
     axes.set_ylabel("mean ground-truth reward (VADER)")
-    axes.set_title("Toy sentiment frontier" + (" (--quick)" if args.quick else ""))
+    axes.set_title("Toy sentiment frontier" + (" (--quick)" if args.quick else "")
+                   + (f": mean of {seeds} seeds, 95% intervals" if seeds > 1 else ""))
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(out, "frontier.png"), dpi=120)
     print("\n".join(lines))
-    print(f"wrote {out}/frontier.png, frontier.csv, frontier.md")
+    print(f"wrote {out}/frontier.png, frontier.csv, frontier_seeds.csv, frontier.md")
+
+
+# ------------------------------------------------------------------------------------------------ PPO tuning
+
+def reward_model_baseline(sft: str, reward: str, size: dict, prompt_seed: int) -> tuple[float, float]:
+    """Mean and standard deviation of the learned reward over SFT's samples for the given prompts: the scale the
+    tuning objective measures reward in (PPO trains on the reward normalised the same way)."""
+    import torch
+
+    from eval_policy import make_judge
+    from utils import toy_task
+    from utils.generation import sample_completions
+    from utils.modeling import ModelArguments, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=sft))
+    policy = load_model(ModelArguments(model_name_or_path=sft), tokenizer)
+    prompts = toy_task.make_prompts(size["eval_prompts"], seed=prompt_seed)
+    torch.manual_seed(0)
+    scores = make_judge(reward)(prompts, sample_completions(policy, tokenizer, prompts,
+                                                            max_new_tokens=size["max_new_tokens"]))
+    return statistics.fmean(scores), statistics.stdev(scores)
+
+
+def tune_ppo(shared: dict, size: dict, out: str, steps: Steps, logs: str) -> None:
+    """PPO (seed 0, the middle KL coefficient) for every grid setting, evaluated on validation prompts."""
+    import itertools
+
+    sft = shared["sft"]
+    reward, reward_future = submit_reward_model(shared, out, steps, seed=0)
+    kl_coef = size["kl_coefs"][len(size["kl_coefs"]) // 2]
+    runs = {}
+    for learning_rate, epochs in itertools.product(*TUNING_GRID.values()):
+        name = f"tune_lr{learning_rate}_epochs{epochs}"
+        runs[learning_rate, epochs] = name, steps.submit(
+            name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", sft, "--reward_model_path", reward, "--kl_coef",
+            kl_coef, "--learning_rate", learning_rate, "--num_ppo_epochs", epochs, "--seed", 0, *ppo_flags(size),
+            "--output_dir", os.path.join(out, name), *shared["data"], after=reward_future)
+    concurrent.futures.wait([future for _, future in runs.values()])
+    reward_mean, reward_std = reward_model_baseline(sft, reward, size, VALIDATION_PROMPT_SEED)
+    rows = []
+    for (learning_rate, epochs), (name, future) in runs.items():
+        path = os.path.join(out, name)
+        learned = evaluate(path, sft, size, logs, 0, judge=reward, prompt_seed=VALIDATION_PROMPT_SEED)
+        truth = evaluate(path, sft, size, logs, 0, prompt_seed=VALIDATION_PROMPT_SEED)  # the same samples
+        # PPO's objective E[r] - kl_coef * KL with r the learned reward normalised on SFT's samples, relative to SFT
+        normalized = (learned["mean_reward"] - reward_mean) / reward_std
+        rows.append({"learning_rate": learning_rate, "num_ppo_epochs": epochs,
+                     "objective": normalized - kl_coef * learned["kl"], "learned_reward": normalized,
+                     "kl": learned["kl"], "gt_reward": truth["mean_reward"], "wall_s": future.result()})
+        print(f"{name}: objective {rows[-1]['objective']:.3f}, GT reward {truth['mean_reward']:.3f}, "
+              f"KL {learned['kl']:.2f}", flush=True)
+    best = max(rows, key=lambda row: row["objective"])
+    with open(os.path.join(out, "ppo_tuning.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"PPO against the learned reward (seed 0), kl_coef {kl_coef}, {size['ppo_episodes']} episodes, evaluated "
+             f"on {size['eval_prompts']} validation prompts (prompt seed {VALIDATION_PROMPT_SEED}, not the test "
+             f"prompts). Objective: the learned reward normalised on SFT's samples (raw mean {reward_mean:.3f}, std "
+             f"{reward_std:.3f}) minus {kl_coef} x KL, relative to SFT; the ground-truth (GT) columns are shown, not "
+             f"used. Bold: chosen.", "",
+             "| learning rate | PPO epochs | objective | learned reward (norm.) | KL | GT reward | wall time (s) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mark = "**" if r is best else ""
+        lines.append(f"| {mark}{r['learning_rate']:g}{mark} | {mark}{r['num_ppo_epochs']}{mark} | "
+                     f"{mark}{r['objective']:.3f}{mark} | {r['learned_reward']:.3f} | {r['kl']:.2f} | "
+                     f"{r['gt_reward']:.3f} | {r['wall_s']:.0f} |")
+    with open(os.path.join(out, "ppo_tuning.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"chosen: learning_rate {best['learning_rate']:g}, num_ppo_epochs {best['num_ppo_epochs']}; "
+          f"wrote {out}/ppo_tuning.csv, ppo_tuning.md")
+
+
+def main():
+    args = parse()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # our runs print one line each; their logs have the details
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    size, out = args.size, os.path.abspath(args.output_dir)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    start = time.perf_counter()
+    steps = Steps(args.jobs, logs)
+    try:
+        shared = prepare(size, out, steps)
+        if args.tune_ppo:
+            tune_ppo(shared, size, out, steps, logs)
+        else:
+            submitted = [submit_seed(seed, shared, size, out, steps) for seed in range(args.seeds)]
+            # every training run first, so that evaluations neither slow them down nor are slowed by them
+            concurrent.futures.wait([future for seed in submitted for _, future, *_ in seed["methods"].values()])
+            rows = [row for seed, runs in enumerate(submitted) for row in evaluate_seed(seed, runs, shared, size, logs)]
+            write_outputs(rows, out, args)
+    except RuntimeError as error:  # a step failed: its log says why
+        steps.pool.shutdown(cancel_futures=True)
+        sys.exit(str(error))
+    print(f"total: {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,14 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_sft(tmp_path, *flags) -> Path:
-    """train_sft.py as a user runs it, in a fresh process (it configures logging process-wide)."""
+    """train_sft.py's main as a user runs it (in process: a subprocess would add only its imports)."""
     output_dir = tmp_path / "sft"
-    command = [sys.executable, str(REPO_ROOT / "train_sft.py"), "--model_name_or_path", "mixtral-tiny",
-               "--output_dir", str(output_dir), "--report_to", "none", "--num_samples_to_show", "1",
-               "--seed", "0", "--dataloader_num_workers", "0", *flags]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    train_sft.main(["--model_name_or_path", "mixtral-tiny", "--output_dir", str(output_dir), "--report_to", "none",
+                    "--num_samples_to_show", "1", "--seed", "0", "--dataloader_num_workers", "0", *flags])
     return output_dir
 
 
