@@ -307,15 +307,17 @@ def main():
     print(f"{described}; {args.batch_size} pairs/step of {args.pair_lengths} lengths, max_length {args.max_length}, "
           f"{args.steps} timed steps, {args.threads} threads, {args.precision}; measured {args.precision} matmul "
           f"peak {peak:.0f} GFLOP/s", flush=True)
-    results = {}
+    results, failed = {}, []
     for name in args.configs.split(","):
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1",
                    HF_DATASETS_CACHE=os.path.join(workdir, f"datasets_cache_{name}"))
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--workdir", workdir,
                    *[arg for arg in sys.argv[1:] if arg != "--worker"]]
         output = subprocess.run(command, env=env, capture_output=True, text=True)
-        if output.returncode != 0:
-            sys.exit(f"{name} failed:\n{output.stderr[-4000:]}")
+        if output.returncode != 0:  # the other configurations still run (e.g. one that runs out of GPU memory)
+            print(f"{name} failed:\n{output.stderr[-4000:]}", flush=True)
+            failed.append(name)
+            continue
         if args.profile:
             print(f"--- profile: {name}\n{output.stderr[-12000:]}")
         line = next(line for line in output.stdout.splitlines() if line.startswith("RESULT "))
@@ -346,6 +348,8 @@ def main():
     print("\n" + " ".join(f"{key}={ratios[key]:.2f}" for key in
                           ("speedup_vs_trl", "speedup_vs_trl_precompute", "peak_rss_ratio", "peak_gpu_ratio")
                           if key in ratios), flush=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
