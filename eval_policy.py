@@ -24,7 +24,7 @@ from utils.data import (DataArguments, PreferenceCollator, collate_completions, 
                         special_prefix_ids, tokenize_completion)
 from utils.generation import sample
 from utils.logprobs import model_logps
-from utils.modeling import ModelArguments, load_model, load_tokenizer, use_tokenizer_pad_token
+from utils.modeling import ModelArguments, load_model, load_tokenizer
 from utils.reference import score_dataset
 
 logger = logging.getLogger("eval_policy")
@@ -79,7 +79,7 @@ def make_judge(judge: str, *, batch_size: int = 64):
         return lambda prompts, completions: toy_task.ground_truth_reward(completions)
     model_args = ModelArguments(model_name_or_path=judge)
     tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # as train_reward.py loads it
-    reward_model = use_tokenizer_pad_token(load_model(model_args, tokenizer, num_labels=1), tokenizer).eval()
+    reward_model = load_model(model_args, tokenizer, num_labels=1).eval()
     prefix_ids = special_prefix_ids(tokenizer)
 
     @torch.no_grad()

@@ -22,7 +22,7 @@ from trl.import_utils import TRLExperimentalWarning
 
 from utils.cli import ConfigError, parse_args, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
-from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, use_tokenizer_pad_token
+from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 from utils.precision import bf16_field, default_bf16
 from utils.rewards import GroundTruthReward, normalize_reward
 
@@ -106,7 +106,7 @@ def load_reward_model(model_args: ModelArguments, path: str, tokenizer):
     if load_tokenizer(reward_args, pad_apart_from_eos=True).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--reward_model_path {path}: its tokenizer differs from the policy's "
                           f"({model_args.model_name_or_path})")
-    return use_tokenizer_pad_token(load_model(reward_args, tokenizer, num_labels=1), tokenizer)
+    return load_model(reward_args, tokenizer, num_labels=1)
 
 
 def main(argv: list[str] | None = None):
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None):
 
     tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # TRL masks by pad_token_id
     tokenizer.padding_side = "left"  # completions are generated after the prompts, so prompts must end at one column
-    policy = use_tokenizer_pad_token(load_model(model_args, tokenizer), tokenizer)
+    policy = load_model(model_args, tokenizer)
     # PPO's loss has no router term, and transformers 5.23's generate() crashes on Mixtral with router logits on.
     if hasattr(policy.config, "output_router_logits"):
         policy.config.output_router_logits = False
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None):
         reward_model = GroundTruthReward(tokenizer, prompt_length)
         # every prompt padded to prompt_length tokens, so that GroundTruthReward finds completions at that column
         collator = DataCollatorWithPadding(tokenizer, padding="max_length", max_length=prompt_length)
-        # no reward model: the policy's body, a new head
-        value_model = use_tokenizer_pad_token(load_model(model_args, tokenizer, num_labels=1), tokenizer)
+        value_model = load_model(model_args, tokenizer, num_labels=1)  # no reward model: the policy's body, a new head
     else:
         reward_model = load_reward_model(model_args, reward_path, tokenizer)
         collator = DataCollatorWithPadding(tokenizer)

@@ -165,12 +165,12 @@ def difference_interval(a: list[float], b: list[float]) -> tuple[float, float]:
 
 def pair_token_counts(pairs_file: str, sft_dir: str) -> dict:
     """Pairs labelled, and token totals of the pairs trained on (the train split), for the budgets."""
+    from utils.cli import parse_args
     from utils.data import DataArguments, load_preference_data
     from utils.modeling import ModelArguments, load_tokenizer
 
-    splits = load_preference_data(DataArguments(dataset_name=pairs_file, eval_fraction=float(DATA_FLAGS[1]),
-                                                max_length=int(DATA_FLAGS[3])),
-                                  load_tokenizer(ModelArguments(model_name_or_path=sft_dir)))
+    (data_args,) = parse_args((DataArguments,), ["--dataset_name", pairs_file, *DATA_FLAGS])  # as the runs read them
+    splits = load_preference_data(data_args, load_tokenizer(ModelArguments(model_name_or_path=sft_dir)))
     train = splits["train"]
     return {"pairs": sum(map(len, splits.values())), "train_pairs": len(train),
             "prompt": sum(map(len, train["prompt_input_ids"])), "chosen": sum(map(len, train["chosen_input_ids"])),
@@ -356,6 +356,13 @@ def comparisons(rows: list[dict], size: dict) -> list[str]:
     return lines
 
 
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_outputs(rows: list[dict], out: str, args) -> None:
     import matplotlib
 
@@ -363,11 +370,8 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
     import matplotlib.pyplot as plt
 
     summary = summarize(rows)
-    for name, table in (("frontier_seeds.csv", rows), ("frontier.csv", summary)):
-        with open(os.path.join(out, name), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+    write_csv(os.path.join(out, "frontier_seeds.csv"), rows)
+    write_csv(os.path.join(out, "frontier.csv"), summary)
     seeds = summary[0]["seeds"]
     lines = [f"Mean over {seeds} seed{'s' if seeds > 1 else ''}" + (" ± the half-width of its 95% t-interval"
                                                                      if seeds > 1 else " (no interval from one seed)")
@@ -456,10 +460,7 @@ def tune_ppo(shared: dict, size: dict, out: str, steps: Steps, logs: str) -> Non
         print(f"{name}: objective {rows[-1]['objective']:.3f}, GT reward {truth['mean_reward']:.3f}, "
               f"KL {learned['kl']:.2f}", flush=True)
     best = max(rows, key=lambda row: row["objective"])
-    with open(os.path.join(out, "ppo_tuning.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(os.path.join(out, "ppo_tuning.csv"), rows)
     lines = [f"PPO against the learned reward (seed 0), kl_coef {kl_coef}, {size['ppo_episodes']} episodes, evaluated "
              f"on {size['eval_prompts']} validation prompts (prompt seed {VALIDATION_PROMPT_SEED}, not the test "
              f"prompts). Objective: the learned reward normalised on SFT's samples (raw mean {reward_mean:.3f}, std "

@@ -19,7 +19,7 @@ import train_sft
 from utils import precision, toy_task
 from utils.cli import ConfigError, run_script
 from utils.data import DataArguments, load_preference_data
-from utils.modeling import ModelArguments, load_model, use_tokenizer_pad_token
+from utils.modeling import ModelArguments, load_model
 from utils.rewards import GroundTruthReward
 
 QUIET = ["--report_to", "none", "--disable_tqdm", "true"]
@@ -291,12 +291,13 @@ def test_ppo_without_a_pad_token_keeps_eos_and_prompt_tokens(no_pad_checkpoint, 
                                          abs=1e-5)
 
 
-def test_an_added_pad_token_gets_an_embedding_row(tokenizer):
-    model = load_model(ModelArguments(model_name_or_path="mixtral-tiny"), tokenizer)
-    model.resize_token_embeddings(len(tokenizer))  # a checkpoint with no spare rows
+def test_an_added_pad_token_gets_an_embedding_row(tokenizer, tmp_path):
+    full = load_model(ModelArguments(model_name_or_path="mixtral-tiny"), tokenizer)
+    full.resize_token_embeddings(len(tokenizer))  # a checkpoint with no spare rows
+    full.save_pretrained(tmp_path / "ckpt")
     with_pad = copy.deepcopy(tokenizer)
     with_pad.add_special_tokens({"pad_token": "<new_pad>"})
-    use_tokenizer_pad_token(model, with_pad)
+    model = load_model(ModelArguments(model_name_or_path=str(tmp_path / "ckpt")), with_pad)
     assert model.get_input_embeddings().num_embeddings == len(with_pad) == len(tokenizer) + 1
     assert model.config.pad_token_id == with_pad.pad_token_id == len(tokenizer)
     assert model(input_ids=torch.tensor([[5, 6, with_pad.pad_token_id]])).logits.shape[-1] == len(with_pad)

@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from utils.cli import ConfigError
-from utils.guards import GuardedTrainer
+from utils.guards import GuardedTrainer, several_processes
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -60,7 +60,7 @@ class GracefulInterrupt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         signum = self.signum or 0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_processes():
             # every rank must agree to save and stop at the same step, or the next collective hangs
             flag = torch.tensor(signum, device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

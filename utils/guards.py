@@ -17,6 +17,11 @@ from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
 
+def several_processes() -> bool:
+    """Whether a process group of more than one rank is running (every rank must then take the same branch)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class NonFiniteError(FloatingPointError):
     """A NaN or infinite loss or gradient; the message names the step and the rows."""
 
@@ -52,7 +57,7 @@ class GuardedTrainer(Trainer):
             grad_norm = grad_norm.full_tensor()
         gradient = torch.as_tensor(grad_norm if check_gradients else 0.0, device=losses.device, dtype=torch.float32)
         flags = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(gradient)]).float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if several_processes():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_loss, bad_gradient = flags.tolist()  # the step's one host sync
         if not (bad_loss or bad_gradient):
@@ -60,7 +65,7 @@ class GuardedTrainer(Trainer):
         # Every rank is here: gather what each saw, so that all of them report the same.
         local_rows = torch.cat(self._step_rows).tolist() if self._step_rows else []
         first_bad = next((loss.item() for loss in losses if not torch.isfinite(loss)), None)
-        ranks = gather_object([(local_rows, first_bad)]) if self.args.world_size > 1 else [(local_rows, first_bad)]
+        ranks = gather_object([(local_rows, first_bad)])  # [(rows, first non-finite loss or None)] per rank
         rows = sorted(row for rank_rows, _ in ranks for row in rank_rows)
         if bad_loss:
             value = next(value for _, value in ranks if value is not None)

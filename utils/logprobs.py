@@ -102,8 +102,8 @@ def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = F
     base = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
     decoder, output_layer = base.get_decoder(), base.get_output_embeddings()
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
-    packed = "cu_seq_lens_q" in batch  # one row of several sequences
-    num_sequences = batch["cu_seq_lens_q"].shape[0] - 1 if packed else batch["input_ids"].shape[0]
+    # a packed row holds len(cu_seq_lens) - 1 sequences, a padded batch one per row
+    num_sequences = batch["cu_seq_lens_q"].shape[0] - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
 
     def forward(original_forward, **inputs):
         captured = []

@@ -104,8 +104,7 @@ def load_tokenizer(args: ModelArguments, pad_apart_from_eos: bool = False):
     """The model's tokenizer. One without a pad token pads with eos, which is safe where padding is masked by
     lengths (DPO, SFT, sampling). TRL's reward and PPO code masks by `pad_token_id` instead: there eos as pad would
     hide the policy's eos, and with a chat template that ends turns in eos prompt tokens too. So with
-    `pad_apart_from_eos` such a tokenizer gets a pad token of its own; give the model room for it with
-    `use_tokenizer_pad_token`."""
+    `pad_apart_from_eos` such a tokenizer gets a pad token of its own (`load_model` gives it an embedding row)."""
     if args.is_preset:
         tokenizer = copy.deepcopy(toy_tokenizer())  # callers may set padding_side etc.: keep the cached one pristine
     else:
@@ -125,15 +124,6 @@ def load_tokenizer(args: ModelArguments, pad_apart_from_eos: bool = False):
         logger.warning("tokenizer of %s has no pad token: using eos %r", args.model_name_or_path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def use_tokenizer_pad_token(model, tokenizer):
-    """The model with room in its embeddings for a pad token that `load_tokenizer` added, and its config naming
-    that token (a checkpoint's may name eos): sequence classifiers find each row's last token by it."""
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def resolve_attn_implementation(requested: str | None, packed: bool = False) -> str:
@@ -233,8 +223,11 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
         model = auto_class.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=dtype,
                                            attn_implementation=attn, trust_remote_code=args.trust_remote_code,
                                            **extra)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    # The tokenizer decides padding: an embedding row for a pad token load_tokenizer added, and the config naming
+    # it (a checkpoint's may name eos), as sequence classifiers find each row's last token by it.
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
     # transformers' default for MoE; quantized experts (FP8) dispatch through their own implementations
     if getattr(model.config, "_experts_implementation", None) == "grouped_mm" \
             and getattr(model, "hf_quantizer", None) is None:
