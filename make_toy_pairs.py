@@ -12,9 +12,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch
+
 from utils import toy_task
-from utils.modeling import ModelArguments, load_model, load_tokenizer
 from utils.cli import parse_args, run_script
+from utils.generation import sample_completions
+from utils.modeling import ModelArguments, load_model, load_tokenizer
 
 logger = logging.getLogger("make_toy_pairs")
 
@@ -33,6 +36,16 @@ class PairArguments:
     top_p: float = 1.0
 
 
+def policy_pairs(model, tokenizer, prompts: list[str], *, seed: int, labeling: str = "deterministic",
+                 bt_temperature: float = 0.1, **sampling) -> list[dict]:
+    """Preference pairs from a policy's own samples: two completions per prompt, labelled by the ground truth."""
+    torch.manual_seed(seed)
+    completions_a = sample_completions(model, tokenizer, prompts, **sampling)
+    completions_b = sample_completions(model, tokenizer, prompts, **sampling)
+    return toy_task.build_pairs(prompts, completions_a, completions_b, seed=seed, labeling=labeling,
+                                bt_temperature=bt_temperature)
+
+
 def main(argv: list[str] | None = None):
     pair_args, model_args = parse_args((PairArguments, ModelArguments), argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True,
@@ -44,9 +57,9 @@ def main(argv: list[str] | None = None):
         tokenizer = load_tokenizer(model_args)
         model = load_model(model_args, tokenizer)
         prompts = toy_task.make_prompts(pair_args.num_pairs, seed=pair_args.seed)
-        pairs = toy_task.policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels,
-                                      max_new_tokens=pair_args.max_new_tokens, temperature=pair_args.temperature,
-                                      top_p=pair_args.top_p)
+        pairs = policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels,
+                             max_new_tokens=pair_args.max_new_tokens, temperature=pair_args.temperature,
+                             top_p=pair_args.top_p)
     os.makedirs(os.path.dirname(os.path.abspath(pair_args.output_file)), exist_ok=True)
     with open(pair_args.output_file, "w") as f:
         for pair in pairs:

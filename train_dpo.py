@@ -17,10 +17,10 @@ from transformers import TrainingArguments
 from utils import toy_task
 from utils.checkpointing import (GracefulInterrupt, ResumableTrainer, exit_if_interrupted, latest_checkpoint,
                                  resolve_resume)
-from utils.cli import ConfigError, parse_args, report_metrics, run_script, setup_logging
+from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.generation import sample_completions
-from utils.guards import NonFiniteError
+from utils.errors import ConfigError, NonFiniteError
 from utils.logprobs import model_logps
 from utils.losses import LENGTH_AVERAGED_LOSSES, LOSS_TYPES, dpo_loss
 from utils.modeling import (PACKING_ATTENTION, ModelArguments, apply_lora, load_model, load_tokenizer,

@@ -20,7 +20,8 @@ from accelerate import PartialState
 from transformers import DataCollatorWithPadding
 from trl.import_utils import TRLExperimentalWarning
 
-from utils.cli import ConfigError, parse_args, run_script, setup_logging
+from utils.cli import parse_args, run_script, setup_logging
+from utils.errors import ConfigError
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 from utils.precision import bf16_field, default_bf16

@@ -11,7 +11,8 @@ from datasets import Dataset
 
 from utils import toy_task
 from utils.cli import parse_args
-from utils.data import DataArguments, DataError, PreferenceCollator, load_preference_data, prepare_split
+from utils.data import DataArguments, PreferenceCollator, load_preference_data, prepare_split
+from utils.errors import DataError
 from utils.modeling import toy_tokenizer
 
 EXPLICIT_ROWS = [

@@ -8,7 +8,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
 
 from utils import modeling, toy_task
-from utils.cli import ConfigError, parse_args
+from utils.cli import parse_args
+from utils.errors import ConfigError
 from utils.data import DataArguments
 from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
                             resolve_attn_implementation)

@@ -22,9 +22,9 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 import train_dpo
 from utils import reference
 from utils.checkpointing import GracefulInterrupt, latest_checkpoint, resolve_resume
-from utils.cli import ConfigError, run_script
-from utils.data import DataArguments, DataError, PreferenceCollator, load_preference_data, prepare_split
-from utils.guards import NonFiniteError
+from utils.cli import run_script
+from utils.data import DataArguments, PreferenceCollator, load_preference_data, prepare_split
+from utils.errors import ConfigError, DataError, NonFiniteError
 from utils.modeling import ModelArguments, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ import train_ppo
 import train_reward
 import train_sft
 from utils import precision, toy_task
-from utils.cli import ConfigError, run_script
+from utils.cli import run_script
+from utils.errors import ConfigError
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, load_model
 from utils.rewards import GroundTruthReward

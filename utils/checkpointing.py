@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from utils.cli import ConfigError
+from utils.errors import ConfigError
 from utils.guards import GuardedTrainer, several_processes
 
 logger = logging.getLogger(__name__)

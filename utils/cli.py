@@ -9,13 +9,7 @@ import transformers
 import yaml
 from transformers import HfArgumentParser
 
-from utils.data import DataError
-from utils.guards import NonFiniteError
-
-
-class ConfigError(SystemExit):
-    """Flags or a config file that cannot work; the message names them. A SystemExit, so that it ends a
-    script with its message (and no traceback) even outside `run_script`."""
+from utils.errors import ConfigError, DataError, NonFiniteError
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None):

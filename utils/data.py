@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from utils import toy_task
+from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ FORMATS = ("auto", "explicit", "implicit", "conversational")
 LOCAL_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
 IMPLICIT_ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's marker of an assistant turn
-
-
-class DataError(ValueError):
-    """A row that cannot become a preference pair; the message names the source, row and field."""
 
 
 @dataclass

@@ -16,14 +16,12 @@ from accelerate.utils import gather_object
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
+from utils.errors import NonFiniteError
+
 
 def several_processes() -> bool:
     """Whether a process group of more than one rank is running (every rank must then take the same branch)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinite loss or gradient; the message names the step and the rows."""
 
 
 class GuardedTrainer(Trainer):

@@ -18,7 +18,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from utils import toy_task
 from utils.attention import PACKED_ATTENTION, cuda_varlen_kernel_available
-from utils.cli import ConfigError
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from utils import toy_task
-from utils.cli import ConfigError
+from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

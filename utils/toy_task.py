@@ -2,8 +2,9 @@
 
 Reviews are generated from a small grammar with positive, negative and neutral words; prompts are
 review openings; the ground-truth reward of a completion is VADER's compound sentiment (its lexicon
-ships with the package, so nothing is downloaded). Preference pairs come either from the generator
-(no model needed) or from a policy checkpoint's own samples.
+ships with the package, so nothing is downloaded). Preference pairs come from the generator
+(no model needed) or, labelled by `build_pairs`, from a policy's own samples (make_toy_pairs.py).
+It imports nothing of ours: every other module may use it.
 """
 
 import math
@@ -146,16 +147,3 @@ def generator_pairs(num_pairs: int, seed: int = 0, labeling: str = "deterministi
                              labeling=labeling, bt_temperature=bt_temperature)
     return pairs[:num_pairs]
 
-
-def policy_pairs(model, tokenizer, prompts: list[str], *, seed: int, labeling: str = "deterministic",
-                 bt_temperature: float = 0.1, **sampling) -> list[dict]:
-    """Preference pairs from a policy's own samples: two completions per prompt, labelled by the ground truth."""
-    import torch
-
-    from utils.generation import sample_completions
-
-    torch.manual_seed(seed)
-    completions_a = sample_completions(model, tokenizer, prompts, **sampling)
-    completions_b = sample_completions(model, tokenizer, prompts, **sampling)
-    return build_pairs(prompts, completions_a, completions_b, seed=seed, labeling=labeling,
-                       bt_temperature=bt_temperature)
