@@ -13,15 +13,20 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from utils import toy_task
-from utils.checkpointing import GracefulInterrupt, ResumableTrainer, exit_if_interrupted, resolve_resume
+from utils.checkpointing import ExactCheckpointLoading, GracefulInterrupt, exit_if_interrupted, resolve_resume
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
+from utils.guards import NonFiniteGuard
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
 from utils.precision import bf16_field, default_bf16
 
 logger = logging.getLogger("train_sft")
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
+
+
+class SFTTrainer(NonFiniteGuard, ExactCheckpointLoading):
+    """The Trainer's own next-token loss, guarded against non-finite steps, with exact checkpoint reloads."""
 
 
 @dataclass
@@ -74,10 +79,9 @@ def main(argv: list[str] | None = None):
         train_dataset = pairs.map(chosen_completions, batched=True, remove_columns=pairs.column_names)
 
     interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
-    trainer = ResumableTrainer(model=model, args=training_args, train_dataset=train_dataset,
-                               processing_class=tokenizer,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
-                               callbacks=[interrupt])
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
+                         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+                         callbacks=[interrupt])
     with interrupt:
         result = trainer.train(resume_from_checkpoint=resume_from)
     exit_if_interrupted(trainer, interrupt)

@@ -7,10 +7,11 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 import train_dpo
-from helpers import loop_logps
+from helpers import add_reference_columns, loop_logps
 from train_dpo import DPOArguments, DPOTrainer
 from utils import reference
 from utils.cli import parse_args
+from utils.losses import LOSSES
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import PACKING_ATTENTION, ModelArguments, load_model, load_tokenizer
 
@@ -30,9 +31,9 @@ def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):
     ref = load_model(ref_args, tokenizer)
     data_args = DataArguments(toy_num_train_pairs=8, toy_num_eval_pairs=4, max_length=64)
     collator = PreferenceCollator(tokenizer.pad_token_id)
-    dataset = reference.add_reference_columns(ref, load_preference_data(data_args, tokenizer), collator,
-                                              model_args=ref_args, data_args=data_args, device=torch.device("cpu"),
-                                              cache_dir=str(tmp_path / "cache"), batch_size=4)
+    dataset = add_reference_columns(ref, load_preference_data(data_args, tokenizer), collator,
+                                    model_args=ref_args, data_args=data_args,
+                                    cache_dir=str(tmp_path / "cache"), batch_size=4)
     args = DPOArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to="none",
                         **dpo_kwargs)
     trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset["train"], data_collator=collator,
@@ -41,29 +42,58 @@ def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):
     return trainer, collator(rows), rows, ref
 
 
-def test_first_batch_matches_trl(tmp_path):
+TRL_CASES = [pytest.param([name], None, 0.5 if name == "ipo" else 0.1, 0.0, id=name)
+             for name, spec in LOSSES.items() if spec.in_trl]
+TRL_CASES += [pytest.param(["robust"], None, 0.1, 0.2, id="robust-label-smoothing"),
+              pytest.param(["sigmoid", "sft"], [1.0, 0.7], 0.1, 0.0, id="rpo")]
+
+
+@pytest.mark.parametrize("loss_type, loss_weights, beta, label_smoothing", TRL_CASES)
+def test_first_batch_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, loss_weights, beta, label_smoothing):
+    """Every registry loss TRL 1.12's DPOTrainer has, on the same policy, frozen reference and pairs: the loss, the
+    logged metrics (router aux loss included) and every parameter's gradient."""
     from datasets import Dataset
     from trl import DPOConfig
     from trl import DPOTrainer as TRLDPOTrainer
 
-    trainer, batch, rows, ref = build(tmp_path)
-    trl_policy, trl_ref = copy.deepcopy(trainer.model), copy.deepcopy(ref)
-    ours = trainer.compute_loss(trainer.model.train(), batch)
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    policy = load_model(ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=0), tokenizer)
+    ref = load_model(ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=1), tokenizer)
+    rows = list(load_preference_data(DataArguments(toy_num_train_pairs=4, toy_num_eval_pairs=1, max_length=64),
+                                     tokenizer)["train"])
+    trl_policy, trl_ref = copy.deepcopy(policy), copy.deepcopy(ref)
+
+    args = DPOArguments(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, report_to="none",
+                        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+                        precompute_ref_log_probs=False)  # the frozen reference scored each step, as TRL does
+    ours = DPOTrainer(model=policy, ref_model=ref, args=args, data_collator=PreferenceCollator(tokenizer.pad_token_id),
+                      processing_class=tokenizer)
+    our_loss = ours.compute_loss(ours.model.train(), ours._prepare_inputs(ours.data_collator(rows)))
 
     texts = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
-    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], bf16=False,
-                         gradient_checkpointing=False, per_device_train_batch_size=4, max_length=64, report_to="none")
+    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                         label_smoothing=label_smoothing, bf16=False, gradient_checkpointing=False,
+                         per_device_train_batch_size=4, max_length=64, report_to="none")
     trl = TRLDPOTrainer(model=trl_policy, ref_model=trl_ref, args=trl_args, train_dataset=texts,
-                        processing_class=trainer.processing_class)
+                        processing_class=tokenizer)
     trl_batch = trl.data_collator([trl.train_dataset[i] for i in range(4)])
-    theirs = trl.compute_loss(trl.model.train(), trl._prepare_inputs(trl_batch))
+    trl_loss = trl.compute_loss(trl.model.train(), trl._prepare_inputs(trl_batch))
 
-    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
-    metrics = trainer.metric_means("train")
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
-                 "aux_loss"):
-        assert metrics[name] == pytest.approx(trl._metrics["train"][name][0], abs=1e-5), name
-    assert abs(metrics["rewards/margins"]) > 1e-3  # policy != reference: a real comparison
+    assert our_loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    ours.log({})  # what a logging step would write
+    logged = ours.state.log_history[-1]
+    assert abs(logged["rewards/margins"]) > 1e-5  # policy != reference: a real comparison
+    compared = ["aux_loss"]
+    if not LOSSES[loss_type[0]].per_token:  # TRL logs unaveraged rewards and log-probs; we log what the loss sees
+        compared += ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    for name in compared:
+        assert logged[name] == pytest.approx(trl._metrics["train"][name][0], abs=1e-4), name
+    our_loss.backward()
+    trl_loss.backward()
+    trl_grads = dict(trl.model.named_parameters())
+    for name, param in ours.model.named_parameters():
+        torch.testing.assert_close(param.grad, trl_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert ours.model.lm_head.weight.grad.abs().max() > 0
 
 
 def policy_sums(trainer, rows):
@@ -99,7 +129,7 @@ def test_rpo_adds_chosen_nll_and_router_aux_loss_is_added(tmp_path):
                         output_router_logits=True).aux_loss.item()
     assert aux > 0
     assert moe.compute_loss(moe.model, batch).item() == pytest.approx(plain + 0.5 * aux, rel=1e-5)
-    assert moe.metric_means("train")["aux_loss"] == pytest.approx(aux, rel=1e-5)
+    assert moe.metrics.means("train")["aux_loss"] == pytest.approx(aux, rel=1e-5)
 
 
 def test_short_run_lowers_loss_raises_accuracy_and_writes_outputs(tmp_path, capsys):

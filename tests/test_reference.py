@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-from helpers import loop_logps
+from helpers import add_reference_columns, loop_logps
 from utils import reference
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import AUTOCAST_GROUPED_MM, ModelArguments, apply_lora, load_model, load_tokenizer
@@ -24,9 +24,9 @@ def setup(num_pairs=24, model_init_seed=0, **data_overrides):
 
 
 def score(model, dataset_dict, model_args, data_args, cache_dir, tokenizer):
-    return reference.add_reference_columns(model, dataset_dict, PreferenceCollator(tokenizer.pad_token_id),
-                                           model_args=model_args, data_args=data_args, device=torch.device("cpu"),
-                                           cache_dir=str(cache_dir), batch_size=5)
+    return add_reference_columns(model, dataset_dict, PreferenceCollator(tokenizer.pad_token_id),
+                                 model_args=model_args, data_args=data_args,
+                                 cache_dir=str(cache_dir), batch_size=5)
 
 
 def test_precomputed_logps_equal_an_independent_loop(tmp_path):

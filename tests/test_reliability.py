@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import train_dpo
+from helpers import add_reference_columns
 from utils import reference
 from utils.checkpointing import GracefulInterrupt, latest_checkpoint, resolve_resume
 from utils.cli import run_script
@@ -318,9 +319,9 @@ def scored(tmp_path, num_pairs=8):
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, tokenizer)
     dataset = load_preference_data(data_args, tokenizer)
-    result = reference.add_reference_columns(model, dataset, PreferenceCollator(tokenizer.pad_token_id),
-                                             model_args=model_args, data_args=data_args, device=torch.device("cpu"),
-                                             cache_dir=str(tmp_path), batch_size=4)
+    result = add_reference_columns(model, dataset, PreferenceCollator(tokenizer.pad_token_id),
+                                   model_args=model_args, data_args=data_args,
+                                   cache_dir=str(tmp_path), batch_size=4)
     fingerprint = reference.reference_fingerprint(model_args, model, dataset["train"], data_args, torch.float32)
     return result, tmp_path / f"{fingerprint}.safetensors", fingerprint
 

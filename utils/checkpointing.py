@@ -1,9 +1,9 @@
 """Interruption and resume: SIGTERM/SIGINT during training save a checkpoint and end the run cleanly;
 `--resume_from_checkpoint latest` continues from the newest complete checkpoint in output_dir, and
-`ResumableTrainer` restores a checkpoint's weights exactly, mixture-of-experts models included.
+the Trainer mixin `ExactCheckpointLoading` restores a checkpoint's weights exactly, mixture-of-experts models included.
 
     interrupt = GracefulInterrupt()
-    trainer = ResumableTrainer(..., callbacks=[interrupt])
+    trainer = SomeTrainer(..., callbacks=[interrupt])
     with interrupt:                      # handlers installed for the duration of training only
         trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
     exit_if_interrupted(trainer, interrupt)   # logs where the checkpoint is, exits with 128 + signal
@@ -23,7 +23,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from utils.errors import ConfigError
-from utils.guards import GuardedTrainer, several_processes
+from utils.guards import several_processes
+from utils.trainer_hooks import HookedTrainer
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -132,9 +133,8 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-class ResumableTrainer(GuardedTrainer):
-    """The base of our trainers: guarded against non-finite losses and gradients (utils/guards.py), and
-    whose checkpoints load back into the model exactly.
+class ExactCheckpointLoading(HookedTrainer):
+    """A Trainer mixin whose checkpoints load back into the model exactly.
 
     transformers 5.23 saves a checkpoint in the Hub layout (Mixtral: one tensor per expert,
     `block_sparse_moe.experts.N.w1`) but restores it with a plain `load_state_dict`, which matches none of
@@ -143,15 +143,7 @@ class ResumableTrainer(GuardedTrainer):
     through `from_pretrained`, which converts the layout; adapters, FSDP and DeepSpeed keep the Trainer's way.
     """
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if not self._load_converted(resume_from_checkpoint, self.model if model is None else model):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-    def _load_best_model(self) -> None:
-        if not self._load_converted(self.state.best_model_checkpoint, self.model):
-            super()._load_best_model()
-
-    def _load_converted(self, checkpoint: str | None, model) -> bool:
+    def load_checkpoint_weights(self, checkpoint: str | None, model) -> bool:
         has_weights = checkpoint is not None and any(
             os.path.isfile(os.path.join(checkpoint, name)) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
         if not (has_weights and isinstance(model, PreTrainedModel)) or self.is_fsdp_enabled or self.is_deepspeed_enabled:

@@ -29,9 +29,13 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
             raise ConfigError(f"{config_path}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; "
                               "see --help for the valid ones")
         for action in parser._actions:  # argparse checks choices on flags only, not on defaults
-            if action.choices is not None and action.dest in config and config[action.dest] not in action.choices:
-                raise ConfigError(f"{config_path}: {action.dest}: invalid choice {config[action.dest]!r} "
-                                  f"(choose from {list(action.choices)})")
+            if action.choices is None or action.dest not in config:
+                continue
+            values = config[action.dest] if isinstance(config[action.dest], list) else [config[action.dest]]
+            for value in values:
+                if value not in action.choices:
+                    raise ConfigError(f"{config_path}: {action.dest}: invalid choice {value!r} "
+                                      f"(choose from {list(action.choices)})")
         parser.set_defaults(**config)
     try:
         *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

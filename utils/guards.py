@@ -14,9 +14,8 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import gather_object
 from torch.distributed.tensor import DTensor
-from transformers import Trainer
-
 from utils.errors import NonFiniteError
+from utils.trainer_hooks import HookedTrainer
 
 
 def several_processes() -> bool:
@@ -24,8 +23,8 @@ def several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class GuardedTrainer(Trainer):
-    """A Trainer that checks, before each optimizer step, the step's micro-batch losses and the gradient norm the
+class NonFiniteGuard(HookedTrainer):
+    """A Trainer mixin that checks, before each optimizer step, the step's micro-batch losses and the gradient norm the
     Trainer computes anyway (for clipping and logging; under DeepSpeed, the engine's), so the check costs no extra
     pass over the gradients. With fp16 the gradient scaler expects overflowing steps and skips them itself, so
     gradients are not checked then."""
@@ -42,11 +41,10 @@ class GuardedTrainer(Trainer):
         self._step_losses.append(loss.detach().float().sum())
         return loss
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm)
+    def on_grad_norm(self, grad_norm) -> None:
+        super().on_grad_norm(grad_norm)
         self._check_finite(grad_norm)
         self._step_rows, self._step_losses = [], []
-        return grad_norm
 
     def _check_finite(self, grad_norm) -> None:
         losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1, device=self.args.device)

@@ -7,6 +7,8 @@ recomputed in backward (activation checkpointing), so that peak memory grows wit
 not with sequence x vocabulary. The gradients are exact.
 """
 
+from typing import NamedTuple
+
 import torch
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
@@ -20,6 +22,14 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", 
 # On CPU the log-softmax runs on slices of this many rows of a chunk's logits ([128, 32k] float32 is 16 MB):
 # whole [tokens, vocab] passes stream through memory and, in bf16, cost more than the output layer's matmul.
 CPU_SOFTMAX_ROWS = 128
+
+
+class SequenceLogps(NamedTuple):
+    """Per sequence of a batch: its completion tokens' summed log-probs and their number; and the router's
+    load-balancing loss of the forward (None unless asked for)."""
+    sums: torch.Tensor
+    num_tokens: torch.Tensor
+    aux_loss: torch.Tensor | None
 
 
 def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,8 +100,8 @@ def _run_as_forward(wrapper, unwrapped, fn, inputs: dict):
 
 
 def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = False, chunk_size: int = 4096,
-                dtype: torch.dtype = torch.float32):
-    """Run a causal LM on a collated batch: (sum_logps, num_tokens, aux_loss or None), per sequence.
+                dtype: torch.dtype = torch.float32) -> SequenceLogps:
+    """Run a causal LM on a collated batch: its sequences' completion log-probs (`SequenceLogps`).
 
     `model` may be a distributed wrapper of `unwrapped`; a PEFT model runs with whatever adapters are active.
     `dtype` is the training's compute precision: other than float32, the body and the output layer both run
@@ -115,7 +125,7 @@ def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = F
             hook.remove()
         sums, counts = completion_logps(captured[0], output_layer, batch["input_ids"], batch["completion_positions"],
                                         batch["completion_sequence"], num_sequences, chunk_size=chunk_size)
-        return sums, counts, outputs.aux_loss if router_aux_loss else None
+        return SequenceLogps(sums, counts, outputs.aux_loss if router_aux_loss else None)
 
     with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
         return _run_as_forward(model, unwrapped, forward, inputs)

@@ -19,3 +19,8 @@ def default_bf16(args) -> bool:
     if args.bf16 is not None:
         return args.bf16
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not args.use_cpu and not args.fp16
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The training's compute precision, in which the policy and every kind of reference compute their log-probs."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

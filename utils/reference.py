@@ -1,9 +1,10 @@
-"""Reference log-probs, computed once before training and cached on disk.
+"""Everything about the reference pi_ref: its log-probs computed once before training and cached on disk, the cache's
+identity, and `ReferenceScoring`, the Trainer mixin that owns the three ways a step gets them.
 
 The reference is the initial policy (with PEFT: the same model with adapters disabled), so scoring
 needs no second copy of the weights. Every rank scores its share of length-sorted batches; the
 results are gathered back into dataset order, so N processes give what one process gives.
-Under FSDP or DeepSpeed ZeRO-3 the caller (train_dpo.DPOTrainer) passes the model as the engine
+Under FSDP or DeepSpeed ZeRO-3 `ReferenceScoring` scores through the model as the engine
 wrapped it, so scoring runs on the sharded weights: no rank ever holds a full copy. The main process alone
 looks in the cache, reads it and writes it; the other ranks get its answer.
 This module alone decides the reference's identity (the cache fingerprint).
@@ -15,6 +16,7 @@ the fingerprint, the row count and a sha256 of the tensors. A file that fails to
 """
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -37,7 +39,10 @@ from tqdm.auto import tqdm
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from utils.attention import packs_linearly
+from utils.errors import ConfigError
 from utils.logprobs import model_logps
+from utils.precision import compute_dtype
+from utils.trainer_hooks import HookedTrainer
 
 logger = logging.getLogger(__name__)
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -212,7 +217,7 @@ def score_dataset(model, dataset, collator, batch_size: int, dtype: torch.dtype 
         columns = id_columns[batch_indices]
         batch = collator([dict(zip(columns, values)) for values in zip(*columns.values())])
         batch = {key: to_device(value, device) for key, value in batch.items()}
-        sums, _, _ = model_logps(model, batch, unwrapped=unwrapped, chunk_size=chunk_size, dtype=dtype)
+        sums = model_logps(model, batch, unwrapped=unwrapped, chunk_size=chunk_size, dtype=dtype).sums
         if step < len(my_batches):
             chosen_sums, rejected_sums = sums.float().chunk(2)
             chosen.append(chosen_sums)
@@ -355,19 +360,134 @@ def reference_mode(model):
     return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
-def add_reference_columns(model, dataset_dict, collator, *, model_args, data_args, device, cache_dir: str,
-                          batch_size: int, dtype: torch.dtype = torch.float32):
-    """Every split of `dataset_dict` with its reference log-prob columns, scored by the initial `model`
-    (with LoRA: the base model under it, adapters disabled) at the training's precision `dtype`.
+class ReferenceScoring(HookedTrainer):
+    """A Trainer mixin that gives each step the reference log-probs of its batch (`reference_logps`), one of three ways:
 
-    The plain single-model path (tests); train_dpo.DPOTrainer scores through the model as the Trainer's
-    engine prepared it instead."""
-    model.to(device)
-    with reference_mode(model):
-        for split, dataset in dataset_dict.items():
-            fingerprint = reference_fingerprint(model_args, model, dataset, data_args, dtype)
+    - precomputed (`args.precompute_ref_log_probs`, the default): `train()` adds the columns ref_chosen_logps /
+      ref_rejected_logps to every split that lacks them, from the cache where it holds them, else scored once
+      through the model as the engine (DDP, FSDP, DeepSpeed) prepared it (`on_engine_ready`), so no rank holds
+      an unsharded copy; `model_args` and `data_args` identify the reference (`reference_fingerprint`);
+    - a frozen copy of the initial policy (`ref_model`, made here when not precomputing), scored every step;
+    - with LoRA and no copy: the policy itself with its adapters off, scored every step.
+    With `uses_reference=False` (--reference_free, or losses that need none) no reference is scored at all.
+    Every way computes through `utils.logprobs.model_logps` at the training's precision: one precision path."""
+
+    def __init__(self, *args, ref_model=None, model_args=None, data_args=None, uses_reference: bool = True,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.uses_reference = uses_reference
+        self.reference_identity = (model_args, data_args)
+        self._reference_pending: dict[str, str] = {}
+        precompute = self.args.precompute_ref_log_probs
+        if ref_model is None and uses_reference and not precompute and not isinstance(self.model, PeftModel):
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ConfigError("a frozen reference model (--precompute_ref_log_probs false without LoRA) would be "
+                                  "a full unsharded copy on every rank under DeepSpeed/FSDP: keep the default "
+                                  "--precompute_ref_log_probs true, or use --use_peft")
+            ref_model = copy.deepcopy(self.model)
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+
+    def _splits(self) -> dict:
+        splits = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            splits.update({f"eval_{name}": dataset for name, dataset in self.eval_dataset.items()})
+        elif self.eval_dataset is not None:
+            splits["eval"] = self.eval_dataset
+        return splits
+
+    def _set_split(self, split: str, dataset) -> None:
+        if split == "train":
+            self.train_dataset = dataset
+        elif split == "eval":
+            self.eval_dataset = dataset
+        else:
+            self.eval_dataset = {**self.eval_dataset, split.removeprefix("eval_"): dataset}
+
+    def _reference_settings(self) -> tuple[str, torch.dtype, int]:
+        """Cache folder, scoring dtype (the training's precision) and batch size of reference scoring."""
+        return (self.args.ref_logps_cache_dir or default_cache_dir(), compute_dtype(self.args),
+                self.args.precompute_ref_batch_size or 4 * self.args.per_device_eval_batch_size)
+
+    def load_cached_reference(self, include_train: bool = True) -> dict[str, str]:
+        """Add cached reference columns to the datasets that lack them; return {split: fingerprint} of those that
+        must still be scored. Runs no forward pass, so it works before any engine has touched the model."""
+        if not self.args.precompute_ref_log_probs or not self.uses_reference:
+            return {}
+        unscored = {split: dataset for split, dataset in self._splits().items()
+                    if (include_train or split != "train") and hasattr(dataset, "column_names")
+                    and not set(REF_COLUMNS) <= set(dataset.column_names)}
+        if not unscored:
+            return {}
+        model_args, data_args = self.reference_identity
+        if model_args is None or data_args is None:
+            raise ValueError("to precompute reference log-probs, pass model_args and data_args (the reference's "
+                             "identity), or datasets that already have ref_chosen_logps/ref_rejected_logps")
+        cache_dir, dtype, _ = self._reference_settings()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        pending = {}
+        for split, dataset in unscored.items():
+            fingerprint = reference_fingerprint(model_args, unwrapped, dataset, data_args, dtype)
             cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
-            dataset_dict[split] = cached if cached is not None else score_and_cache(
-                dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir, batch_size=batch_size,
-                split=split, dtype=dtype)
-    return dataset_dict
+            if cached is None:
+                pending[split] = fingerprint
+            else:
+                self._set_split(split, cached)
+        return pending
+
+    def score_reference(self, model, pending: dict[str, str]) -> None:
+        """Score the reference on the `pending` splits ({split: fingerprint}) through `model`, the model as the
+        engine wrapped it: every rank scores its share of the batches on the sharded weights."""
+        cache_dir, dtype, batch_size = self._reference_settings()
+        unwrapped = self.accelerator.unwrap_model(model)
+        splits = self._splits()
+        was_training = model.training
+        with reference_mode(unwrapped):
+            for split, fingerprint in pending.items():
+                self._set_split(split, score_and_cache(
+                    splits[split], model, self.data_collator, fingerprint=fingerprint, cache_dir=cache_dir,
+                    batch_size=batch_size, split=split, dtype=dtype, unwrapped=unwrapped,
+                    chunk_size=self.args.logps_chunk_size))
+        model.train(was_training)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._reference_pending = pending = self.load_cached_reference()
+        if pending and resume_from_checkpoint:  # the weights are no longer the reference's
+            raise ConfigError(f"resuming from {resume_from_checkpoint}, but the reference log-probs of "
+                              f"{sorted(pending)} are not in the cache {self._reference_settings()[0]}: the "
+                              "checkpoint's weights are no longer the reference's; point --ref_logps_cache_dir at "
+                              "the first run's cache, or start afresh")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def on_engine_ready(self, model, train_dataloader):
+        train_dataloader = super().on_engine_ready(model, train_dataloader)
+        pending, self._reference_pending = self._reference_pending, {}
+        if pending:
+            self.score_reference(model, pending)
+            if "train" in pending:  # the loop's dataloader was built over the unscored rows
+                train_dataloader = self.replace_train_dataloader(train_dataloader)
+        return train_dataloader
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        if eval_dataset is None and self.load_cached_reference(include_train=False):
+            raise RuntimeError("reference log-probs of the eval set are neither cached nor scored yet: they are "
+                               "scored when train() has prepared the model, so call train() first")
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def reference_logps(self, model, inputs, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ref_chosen_logps, ref_rejected_logps) of the batch `inputs`, [num_pairs] each."""
+        if not self.uses_reference:
+            zeros = torch.zeros(num_pairs, device=inputs["input_ids"].device)
+            return zeros, zeros
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        scoring = dict(chunk_size=self.args.logps_chunk_size, dtype=compute_dtype(self.args))
+        with torch.no_grad():
+            if self.ref_model is None:  # LoRA: the reference is the policy with its adapters off
+                unwrapped = self.accelerator.unwrap_model(model)
+                with unwrapped.disable_adapter():
+                    sums = model_logps(model, inputs, unwrapped=unwrapped, **scoring).sums
+            else:  # the frozen copy, which accelerate never prepared, computes at the policy's precision too
+                sums = model_logps(self.ref_model, inputs, **scoring).sums
+        return sums.chunk(2)
