@@ -299,3 +299,28 @@ def test_a_packed_training_step_reads_the_device_at_most_twice(tmp_path, precomp
     trainer.train()
     assert len(counter.per_step) == 3
     assert all(len(reads) <= 2 for reads in counter.per_step), counter.per_step
+
+
+def test_simpo_scores_no_reference_and_trains(tmp_path, capsys):
+    trainer = train_dpo.main(tiny_run_args(tmp_path, "--loss_type", "simpo", "--beta", "2.0", "--simpo_gamma", "0.3",
+                                           "--max_steps", "2", "--learning_rate", "1e-3"))
+    assert not trainer.uses_reference and trainer.ref_model is None
+    assert "reference log-probs" not in capsys.readouterr().out  # neither scored nor looked up
+    assert not (tmp_path / "cache").exists()
+    assert "ref_chosen_logps" not in trainer.train_dataset.column_names
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss_type", "sigmoid", "--simpo_gamma", "0.5"], r"--simpo_gamma has no meaning for --loss_type sigmoid"),
+    (["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0"], r"must be one weight >= 0 per --loss_type"),
+    (["--loss_type", "ipo", "--label_smoothing", "0.1"], r"--label_smoothing has no meaning for --loss_type ipo"),
+    (["--loss_type", "simpo", "--label_smoothing", "0.5"], r"--loss_type simpo needs 0 <= --label_smoothing < 0.5"),
+])
+def test_the_registry_decides_which_flags_apply(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_dpo.main(tiny_run_args(tmp_path, *flags))
+
+
+def test_rpo_alpha_is_the_sigmoid_sft_list():
+    rpo, = parse_args((DPOArguments,), ["--output_dir", "x", "--rpo_alpha", "0.7"])
+    assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.7])

@@ -170,5 +170,5 @@ def test_unknown_loss_type_is_an_error():
 def test_the_docs_loss_table_is_the_registry():
     import pathlib
 
-    docs = "\n".join(path.read_text() for path in pathlib.Path(__file__).parent.parent.glob("*.md"))
+    docs = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     assert loss_table() in docs

@@ -69,7 +69,7 @@ def sft_loss(logps: PairLogps, beta: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class LossSpec:
     function: Callable[..., torch.Tensor]  # (PairLogps, beta, **flags) -> per-pair losses
-    formula: str  # for the docs, with Δ the margin of log-ratios and ℓ̄ a per-token mean log-prob
+    formula: str  # for the docs' table, with Δ the margin of log-ratios and ℓ̄ a per-token mean log-prob
     paper: str
     per_token: bool = False  # log-probs averaged over completion tokens before the loss (and in logged rewards)
     uses_reference: bool = True  # False: no reference is scored at all
@@ -78,18 +78,18 @@ class LossSpec:
 
 
 LOSSES = {
-    "sigmoid": LossSpec(sigmoid_loss, "−(1−ε) log σ(βΔ) − ε log σ(−βΔ); ε = `label_smoothing` (cDPO)",
-                        "Rafailov et al. 2023 (DPO)", flags=("label_smoothing",)),
-    "robust": LossSpec(robust_loss, "(−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)", "Chowdhury et al. 2024 (rDPO)",
+    "sigmoid": LossSpec(sigmoid_loss, "`−log σ(βΔ)`; with `label_smoothing` ε: `−(1−ε) log σ(βΔ) − ε log σ(−βΔ)` (cDPO)",
+                        "Rafailov et al. 2023", flags=("label_smoothing",)),
+    "robust": LossSpec(robust_loss, "`(−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)`", "Chowdhury et al. 2024",
                        flags=("label_smoothing",)),
-    "ipo": LossSpec(ipo_loss, "(Δ − 1/(2β))², Δ from per-token means", "Azar et al. 2023 (IPO)", per_token=True),
-    "hinge": LossSpec(hinge_loss, "max(0, 1 − βΔ)", "Zhao et al. 2023 (SLiC-HF)"),
-    "sigmoid_norm": LossSpec(sigmoid_loss, "−log σ(βΔ), Δ from per-token means", "TRL's length-normalised DPO",
+    "ipo": LossSpec(ipo_loss, "`(Δ − 1/(2β))²`", "Azar et al. 2023", per_token=True),
+    "hinge": LossSpec(hinge_loss, "`max(0, 1 − βΔ)`", "Zhao et al. 2023 (SLiC)"),
+    "sigmoid_norm": LossSpec(sigmoid_loss, "DPO's `−log σ(βΔ)` on per-token averaged log-ratios", "TRL's `sigmoid_norm`",
                              per_token=True),
-    "simpo": LossSpec(simpo_loss, "−log σ(β(ℓ̄_w − ℓ̄_l) − γ); γ = `simpo_gamma`, no reference",
-                      "Meng et al. 2024 (SimPO)", per_token=True, uses_reference=False,
-                      flags=("simpo_gamma", "label_smoothing"), in_trl=False),
-    "sft": LossSpec(sft_loss, "NLL per token of the chosen completions", "Pang et al. 2024 (RPO, with sigmoid)"),
+    "simpo": LossSpec(simpo_loss, "`−log σ(β(ℓ̄_w − ℓ̄_l) − γ)`, no reference (none is scored)", "Meng et al. 2024",
+                      per_token=True, uses_reference=False, flags=("simpo_gamma", "label_smoothing"), in_trl=False),
+    "sft": LossSpec(sft_loss, "NLL per token of the chosen completions; `[sigmoid, sft]` with `loss_weights` is RPO",
+                    "Pang et al. 2024 (RPO)"),
 }
 FLAG_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5}
 
@@ -127,7 +127,8 @@ def uses_reference(loss_types) -> bool:
 
 
 def loss_table() -> str:
-    """The registry as the docs' Markdown table (tests check the docs hold it)."""
-    rows = [f"| `{name}` | {spec.formula} | {', '.join(f'`{flag}`' for flag in spec.flags) or '–'} | {spec.paper} |"
-            for name, spec in LOSSES.items()]
-    return "\n".join(["| `loss_type` | per-pair loss | flags | paper |", "| --- | --- | --- | --- |", *rows])
+    """The registry as the README's Markdown table (a test checks the README holds it)."""
+    rows = [f"| `{name}` | {spec.formula} | {'averaged' if spec.per_token else 'summed'} | "
+            f"{', '.join(f'`{flag}`' for flag in ('beta', *spec.flags))} | {spec.paper} |" for name, spec in LOSSES.items()]
+    return "\n".join(["| `loss_type` | per-pair loss | log-probs | flags | paper |", "| --- | --- | --- | --- | --- |",
+                      *rows])
