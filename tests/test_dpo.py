@@ -324,3 +324,35 @@ def test_the_registry_decides_which_flags_apply(tmp_path, flags, message):
 def test_rpo_alpha_is_the_sigmoid_sft_list():
     rpo, = parse_args((DPOArguments,), ["--output_dir", "x", "--rpo_alpha", "0.7"])
     assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.7])
+
+
+def test_a_frozen_reference_under_fsdp_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    from utils.cli import run_script
+
+    prepare = Trainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):  # FSDP needs accelerator devices: pretend the engine is on
+        prepare(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(tiny_run_args(tmp_path, "--precompute_ref_log_probs", "false")))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: a frozen reference model") and "--use_peft" in err[0]
+
+
+def test_resuming_without_the_reference_cache_is_one_error_line(tmp_path, capsys):
+    from utils.cli import run_script
+
+    train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "1", "--save_steps", "1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "2", "--resume_from_checkpoint",
+                                                        "latest", "--ref_logps_cache_dir", str(tmp_path / "other"))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not in the cache" in err[0] and "--ref_logps_cache_dir" in err[0]
