@@ -17,8 +17,8 @@ from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit
                                  resolve_resume)
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
-from utils.generation import sample_completions
 from utils.errors import ConfigError, NonFiniteError
+from utils.generation import sample_completions
 from utils.guards import NonFiniteGuard
 from utils.logprobs import model_logps
 from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, preference_loss, uses_reference
@@ -51,7 +51,7 @@ class DPOArguments(TrainingArguments):
     simpo_gamma: float | None = field(
         default=None, metadata={"help": f"SimPO's target margin gamma; default {FLAG_DEFAULTS['simpo_gamma']}."})
     rpo_alpha: float | None = field(
-        default=None, metadata={"help": "Shorthand for appending sft to --loss_type with this weight (RPO); None: off."})
+        default=None, metadata={"help": "Shorthand: append sft to --loss_type with this weight (RPO); None: off."})
     reference_free: bool = field(default=False, metadata={"help": "Take reference log-probs as zero (any loss)."})
     precompute_ref_log_probs: bool = field(
         default=True, metadata={"help": "Score the reference once before training (false: keep a frozen copy and "
@@ -113,13 +113,15 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
                           f"{args.loss_type}")
     readers = {flag: [name for name in args.loss_type if flag in LOSSES[name].flags] for flag in FLAG_DEFAULTS}
     if args.label_smoothing and not readers["label_smoothing"]:
-        raise ConfigError(f"--label_smoothing has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
-                          f"{[name for name, spec in LOSSES.items() if 'label_smoothing' in spec.flags]}")
+        applies = [name for name, spec in LOSSES.items() if "label_smoothing" in spec.flags]
+        raise ConfigError(f"--label_smoothing has no meaning for --loss_type {' '.join(args.loss_type)}; it applies "
+                          f"to {applies}")
     if readers["label_smoothing"] and not 0 <= args.label_smoothing < 0.5:
         raise ConfigError(f"--loss_type {' '.join(readers['label_smoothing'])} needs 0 <= --label_smoothing < 0.5 "
                           f"(a label-flip probability), got {args.label_smoothing}")
     if args.simpo_gamma is not None and not readers["simpo_gamma"]:
-        raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to simpo")
+        raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
+                          "simpo")
     for name in ("logps_chunk_size", "precompute_ref_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -135,8 +137,9 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
     or adapters off); `NonFiniteGuard` stops on a NaN step; `ExactCheckpointLoading` reloads MoE checkpoints."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, uses_reference=not kwargs["args"].reference_free
-                         and uses_reference(kwargs["args"].loss_type), **kwargs)
+        dpo_args = kwargs["args"]
+        super().__init__(*args, uses_reference=not dpo_args.reference_free and uses_reference(dpo_args.loss_type),
+                         **kwargs)
         # compute_loss returns a per-pair mean, so the Trainer must average it over accumulation steps
         self.model_accepts_loss_kwargs = False
         router_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)

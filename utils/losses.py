@@ -78,18 +78,22 @@ class LossSpec:
 
 
 LOSSES = {
-    "sigmoid": LossSpec(sigmoid_loss, "`−log σ(βΔ)`; with `label_smoothing` ε: `−(1−ε) log σ(βΔ) − ε log σ(−βΔ)` (cDPO)",
-                        "Rafailov et al. 2023", flags=("label_smoothing",)),
-    "robust": LossSpec(robust_loss, "`(−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)`", "Chowdhury et al. 2024",
-                       flags=("label_smoothing",)),
+    "sigmoid": LossSpec(
+        sigmoid_loss, "`−log σ(βΔ)`; with `label_smoothing` ε: `−(1−ε) log σ(βΔ) − ε log σ(−βΔ)` (cDPO)",
+        "Rafailov et al. 2023", flags=("label_smoothing",)),
+    "robust": LossSpec(
+        robust_loss, "`(−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1−2ε)`", "Chowdhury et al. 2024",
+        flags=("label_smoothing",)),
     "ipo": LossSpec(ipo_loss, "`(Δ − 1/(2β))²`", "Azar et al. 2023", per_token=True),
     "hinge": LossSpec(hinge_loss, "`max(0, 1 − βΔ)`", "Zhao et al. 2023 (SLiC)"),
-    "sigmoid_norm": LossSpec(sigmoid_loss, "DPO's `−log σ(βΔ)` on per-token averaged log-ratios", "TRL's `sigmoid_norm`",
-                             per_token=True),
-    "simpo": LossSpec(simpo_loss, "`−log σ(β(ℓ̄_w − ℓ̄_l) − γ)`, no reference (none is scored)", "Meng et al. 2024",
-                      per_token=True, uses_reference=False, flags=("simpo_gamma", "label_smoothing"), in_trl=False),
-    "sft": LossSpec(sft_loss, "NLL per token of the chosen completions; `[sigmoid, sft]` with `loss_weights` is RPO",
-                    "Pang et al. 2024 (RPO)"),
+    "sigmoid_norm": LossSpec(
+        sigmoid_loss, "DPO's `−log σ(βΔ)` on per-token averaged log-ratios", "TRL's `sigmoid_norm`", per_token=True),
+    "simpo": LossSpec(
+        simpo_loss, "`−log σ(β(ℓ̄_w − ℓ̄_l) − γ)`, no reference (none is scored)", "Meng et al. 2024", per_token=True,
+        uses_reference=False, flags=("simpo_gamma", "label_smoothing"), in_trl=False),
+    "sft": LossSpec(
+        sft_loss, "NLL per token of the chosen completions; `[sigmoid, sft]` with `loss_weights` is RPO",
+        "Pang et al. 2024 (RPO)"),
 }
 FLAG_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5}
 
@@ -129,6 +133,7 @@ def uses_reference(loss_types) -> bool:
 def loss_table() -> str:
     """The registry as the README's Markdown table (a test checks the README holds it)."""
     rows = [f"| `{name}` | {spec.formula} | {'averaged' if spec.per_token else 'summed'} | "
-            f"{', '.join(f'`{flag}`' for flag in ('beta', *spec.flags))} | {spec.paper} |" for name, spec in LOSSES.items()]
+            f"{', '.join(f'`{flag}`' for flag in ('beta', *spec.flags))} | {spec.paper} |"
+            for name, spec in LOSSES.items()]
     return "\n".join(["| `loss_type` | per-pair loss | log-probs | flags | paper |", "| --- | --- | --- | --- | --- |",
                       *rows])

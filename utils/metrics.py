@@ -23,7 +23,8 @@ class DeviceMetrics:
         for name, value in metrics.items():
             value = value.detach().float()
             if mode == "eval":
-                value = self.accelerator.gather_for_metrics(value) if value.dim() else self.accelerator.gather(value[None])
+                gather = self.accelerator.gather_for_metrics if value.dim() else self.accelerator.gather
+                value = gather(value if value.dim() else value[None])
             sums[name] = sums[name] + value.sum() if name in sums else value.sum()
             self.counts[mode][name] += value.numel()
 
