@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from transformers import Trainer, TrainingArguments
 
-from utils.trainer_hooks import ACCELERATOR_DATALOADERS, PRIVATE_TRAINER_METHODS, HookedTrainer
+from utils.trainer_hooks import ACCELERATOR_DATALOADERS, PRIVATE_TRAINER_METHODS, TRL_REWARD_METRICS, HookedTrainer
 
 
 @pytest.mark.parametrize("name", list(PRIVATE_TRAINER_METHODS))
@@ -20,6 +20,13 @@ def test_each_private_method_exists_with_our_parameters(name):
 
 def test_accelerate_keeps_its_prepared_dataloaders_in_a_list():
     assert isinstance(getattr(Accelerator(cpu=True), ACCELERATOR_DATALOADERS), list)
+
+
+def test_trl_reward_trainer_logs_from_its_metrics_dict():
+    from trl import RewardTrainer
+
+    source = inspect.getsource(RewardTrainer)
+    assert f"self.{TRL_REWARD_METRICS}[mode][" in source and f"self.{TRL_REWARD_METRICS}[mode].clear()" in source
 
 
 class Regression(torch.nn.Module):

@@ -1,8 +1,9 @@
-"""The one place that overrides private methods of transformers' Trainer (pinned: transformers 5.23).
+"""The one place that lists the private parts of transformers' Trainer (pinned: 5.23) and TRL that we rely on, and
+overrides the Trainer's private methods.
 
-Each private method we need is overridden here once and handed to a named hook that our trainers override
-instead; tests/test_trainer_hooks.py checks every entry of PRIVATE_TRAINER_METHODS against the installed
-transformers, so an upgrade that renames or reshapes one fails there, loudly, not in a silent training bug.
+Each private method we override is overridden here once and handed to a named hook that our trainers override
+instead; tests/test_trainer_hooks.py checks every entry below against the installed libraries, so an upgrade that
+renames or reshapes one fails there, loudly, not in a silent training bug.
 """
 
 from transformers import Trainer
@@ -17,7 +18,11 @@ PRIVATE_TRAINER_METHODS = {
     "_load_from_checkpoint": (("resume_from_checkpoint", "model"), "exact reload of MoE checkpoints "
                                                                    "(load_checkpoint_weights)"),
     "_load_best_model": ((), "the same for load_best_model_at_end (load_checkpoint_weights)"),
+    "_prepare_inputs": (("inputs",), "called, not overridden: DPOTrainer.prediction_step moves a batch to the device "
+                                     "as training_step does"),
 }
+# TRL's RewardTrainer keeps the metrics it logs in this private dict; train_reward.py adds the router's aux loss to it
+TRL_REWARD_METRICS = "_metrics"
 # accelerate keeps every prepared dataloader in this private list; a replaced one must leave it
 ACCELERATOR_DATALOADERS = "_dataloaders"
 
