@@ -404,13 +404,22 @@ def test_keep_start_cuts_completion_ends(tokenizer):
     assert row["rejected_input_ids"] == full["rejected_input_ids"]
 
 
-def test_keep_start_prompt_filling_max_length_is_an_error(tokenizer):
+def test_keep_start_drops_a_pair_whose_prompt_fills_max_length(tokenizer, caplog):
     rows = [{"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."},
-            {"prompt": "same", "chosen": " x", "rejected": " x"},  # dropped: must not shift the row numbers
+            {"prompt": "same", "chosen": " x", "rejected": " x"},  # dropped too: must not shift the row numbers
             {"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " bad."}]
     max_length = len(tokenizer(LONG_PROMPT)["input_ids"])
-    with pytest.raises(DataError, match=r"row 2\b.*field 'prompt'.*max_length"):
-        prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    assert data["row_index"] == [0] and texts(data) == rows[:1]
+    assert (f"inline [train]: dropped 1 of 3 pairs whose prompt leaves no room for a completion within max_length "
+            f"{max_length} (row 2); raise --max_length") in caplog.text
+    assert "inline [train]: dropped 1 of 3 pairs whose chosen equals rejected (row 1)" in caplog.text
+    assert len(prepare(rows, tokenizer, max_length=max_length + 1)) == 2  # one token of room: it trains
+    with pytest.raises(DataError, match=rf"inline \[train\]: no pair left to train on: all 2 pairs were dropped: 1 "
+                                        rf"whose chosen equals rejected, 1 whose prompt leaves no room for a "
+                                        rf"completion within max_length {max_length}"):
+        prepare(rows[1:], tokenizer, max_length=max_length)
 
 
 def test_keep_end_cuts_the_prompt_from_the_left(tokenizer):
@@ -455,8 +464,8 @@ def test_pairs_identical_after_truncation_are_dropped_with_a_warning(tokenizer, 
                f"max_length {max_length}" in m for m in messages), caplog.text
     # one more token tells the answers apart: nothing dropped for truncation
     assert len(prepare(rows, tokenizer, max_length=max_length + 1)) == 2
-    with pytest.raises(DataError, match=rf"all 1 pairs have chosen identical to rejected, as texts or as the tokens "
-                                        rf"kept by max_length {max_length}: nothing to learn from"):
+    with pytest.raises(DataError, match=rf"all 1 pairs were dropped: 1 whose chosen and rejected differ as texts but "
+                                        rf"not as the tokens kept by max_length {max_length}"):
         prepare([TRUNCATED_ALIKE], tokenizer, max_length=max_length)
 
 
@@ -468,14 +477,10 @@ CONV_GOOD = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi")
 
 ERROR_CASES = [
     pytest.param([{"prompt": "p", "chosen": " a"}] * 2, 0, "rejected", "missing field", id="missing-column"),
-    pytest.param([GOOD, {**GOOD, "chosen": ""}], 1, "chosen", "is empty", id="empty-chosen"),
-    pytest.param([GOOD, {**GOOD, "rejected": "   "}], 1, "rejected", "is empty", id="blank-rejected"),
     pytest.param([GOOD, {**GOOD, "prompt": ""}], 1, "prompt", "is empty", id="empty-prompt"),
     pytest.param([GOOD, {**GOOD, "chosen": None}], 1, "chosen", "must be a str", id="null-chosen"),
     pytest.param([{**GOOD, "rejected": 3}, {**GOOD, "rejected": 4}], 0, "rejected", "must be a str, got int",
                  id="int-rejected"),
-    pytest.param([HH_GOOD, {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: yes"}], 1,
-                 "chosen", "empty completion", id="implicit-chosen-has-no-answer"),
     pytest.param([HH_GOOD, {"chosen": "hello there", "rejected": "goodbye"}], 1, "chosen", "share no prompt",
                  id="implicit-no-shared-prompt"),
     pytest.param([CONV_GOOD, {**CONV_GOOD, "rejected": [{"role": "human", "content": "hi"}, assistant("no")]}], 1,
@@ -504,8 +509,8 @@ def test_bad_rows_raise_data_error_naming_row_and_field(rows, index, field, mess
 
 
 def test_error_from_a_file_names_the_file(rows_file, tokenizer):
-    path = rows_file("pairs.jsonl", [GOOD, GOOD, {**GOOD, "chosen": ""}])
-    with pytest.raises(DataError, match=re.escape(path) + r" \[train\] row 2: field 'chosen' is empty"):
+    path = rows_file("pairs.jsonl", [GOOD, GOOD, {**GOOD, "chosen": None}])
+    with pytest.raises(DataError, match=re.escape(path) + r" \[train\] row 2 \(line 3\): field 'chosen' must be a str"):
         load_preference_data(DataArguments(dataset_name=path), tokenizer)
 
 
