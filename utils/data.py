@@ -231,10 +231,15 @@ class Source:
         return f"{self} {self.rows([index])}"
 
 
-@functools.lru_cache(maxsize=4)
 def jsonl_line_numbers(path: str) -> list[int]:
-    """The line number of each row of a JSON Lines file: `datasets` skips blank lines. Split at '\\n' only, as
-    JSON Lines is: a string may hold a raw U+2028, which str.splitlines would split at."""
+    """The line number of each row of a JSON Lines file (`datasets` skips blank lines)."""
+    stat = os.stat(path)
+    return _jsonl_line_numbers(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _jsonl_line_numbers(path: str, *version) -> list[int]:
+    # Split at '\n' only, as JSON Lines is: a string may hold a raw U+2028, which str.splitlines splits at.
     with open(path, encoding="utf-8", errors="replace") as f:
         return [number for number, line in enumerate(f.read().split("\n"), start=1) if line.strip()]
 
