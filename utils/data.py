@@ -63,7 +63,8 @@ class DataArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if present."})
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "Hold out this fraction of train for evaluation when no test split exists."})
+        default=0.0, metadata={"help": "Hold out this fraction of train for evaluation when no test split exists "
+                                       "(a mixture's test_split_size comes first)."})
     dataset_mixture: dict | str | None = field(
         default=None,
         metadata={"help": "alignment-handbook's dataset mixture, a YAML mapping (or JSON on the command line): "
@@ -97,8 +98,8 @@ class DataArguments:
         default="keep_start",
         metadata={"help": "Pairs longer than max_length: keep_start keeps the whole prompt and cuts completions' "
                           "ends (a pair whose prompt alone fills max_length is dropped); keep_end first cuts the "
-                          "prompt from the left, down to max_length // 2 tokens, then cuts completions' ends. bos "
-                          "is never cut.",
+                          "prompt from the left, down to max_length // 2 tokens, then cuts completions' ends. "
+                          "--max_prompt_length applies first; bos is never cut.",
                   "choices": ["keep_start", "keep_end"]})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     toy_num_train_pairs: int = field(default=2000, metadata={"help": "Toy task: training pairs to generate."})
@@ -506,18 +507,21 @@ def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: 
     3. Completions are cut at the end to the room left (a cut completion has no eos: it was not finished).
     """
     if max_prompt_length is not None:
-        keep = max(max_prompt_length - len(prefix_ids), 0)
-        prompt_ids = prompt_ids[max(len(prompt_ids) - keep, 0):]
+        prompt_ids = last(prompt_ids, max_prompt_length - len(prefix_ids))
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prefix_ids) + len(prompt_ids) + longest > max_length:
         if mode == "keep_end":
-            keep = max(max(max_length - longest, max_length // 2) - len(prefix_ids), 0)
-            prompt_ids = prompt_ids[max(len(prompt_ids) - keep, 0):]
+            prompt_ids = last(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids))
         room = max_length - len(prefix_ids) - len(prompt_ids)
         if room <= 0:
             return None
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     return prefix_ids + prompt_ids, chosen_ids, rejected_ids
+
+
+def last(ids: list[int], count: int) -> list[int]:
+    """The last `count` ids (none for count <= 0)."""
+    return ids[max(len(ids) - max(count, 0), 0):]
 
 
 def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int, truncation_mode: str,
