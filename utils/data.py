@@ -228,8 +228,15 @@ class Source:
         named = [f"{i} (line {lines[i]})" if lines else str(i) for i in map(int, indices[:ROWS_NAMED])]
         return ("row " if len(indices) == 1 else "rows ") + ", ".join(named) + (", ..." * (len(indices) > ROWS_NAMED))
 
-    def row(self, index: int) -> str:
-        return f"{self} {self.rows([index])}"
+
+@dataclass(frozen=True)
+class RowName:
+    """'source [split] row R (line L)', formatted only when a message is (a JSON Lines file is read for L)."""
+    source: Source
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.source.rows([self.index])}"
 
 
 def jsonl_line_numbers(path: str) -> list[int]:
@@ -358,7 +365,7 @@ def detect_format(row: dict, args: DataArguments) -> str:
     return "explicit" if args.prompt_column in row else "implicit"
 
 
-def _field(row: dict, column: str, where: str, kind: type, may_be_blank: bool = False):
+def _field(row: dict, column: str, where: RowName, kind: type, may_be_blank: bool = False):
     if column not in row:
         raise DataError(f"{where}: missing field {column!r} (columns: {sorted(set(row) - {'row_index'})})")
     value = row[column]
@@ -371,7 +378,7 @@ def _field(row: dict, column: str, where: str, kind: type, may_be_blank: bool = 
     return value
 
 
-def _check_messages(messages: list, where: str, column: str) -> None:
+def _check_messages(messages: list, where: RowName, column: str) -> None:
     for turn, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: field {column!r} message {turn} must be a dict with string 'content'")
@@ -401,7 +408,7 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> dict:
     """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template), an
     empty or blank answer as '' (it becomes an eos-only completion), and `empty_answer`, whether one is."""
-    where = source.row(row["row_index"])
+    where = RowName(source, row["row_index"])
     fmt = detect_format(row, args)
     if fmt == "explicit":
         prompt = _field(row, args.prompt_column, where, str)
@@ -418,7 +425,7 @@ def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> 
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected)}
 
 
-def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) -> tuple[str, str, str]:
+def _render_conversation(row: dict, args: DataArguments, tokenizer, where: RowName) -> tuple[str, str, str]:
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a tokenizer with a chat template")
     chosen = _field(row, args.chosen_column, where, list)
