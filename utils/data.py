@@ -569,7 +569,7 @@ def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_pr
             why = why.format(max_length=max_length)
             logger.warning("%s: dropped %d of %d pairs %s (%s)%s", source, len(rows), total, why, source.rows(rows),
                            f"; {how_to_keep}" if how_to_keep else "")
-    if len(counts) and sum(counts.values()) == total:
+    if counts and sum(counts.values()) == total:
         breakdown = ", ".join(f"{count} {DROP_REASONS[reason][0].format(max_length=max_length)}"
                               for reason, count in counts.items())
         raise DataError(f"{source}: no pair left to train on: all {total} pairs were dropped: {breakdown}")
