@@ -2,17 +2,20 @@
 
 import copy
 import itertools
+import json
 import logging
+import math
 import re
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 
 from utils import toy_task
 from utils.cli import parse_args
 from utils.data import DataArguments, PreferenceCollator, load_preference_data, prepare_split
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 from utils.modeling import toy_tokenizer
 
 EXPLICIT_ROWS = [
@@ -404,13 +407,22 @@ def test_keep_start_cuts_completion_ends(tokenizer):
     assert row["rejected_input_ids"] == full["rejected_input_ids"]
 
 
-def test_keep_start_prompt_filling_max_length_is_an_error(tokenizer):
+def test_keep_start_drops_a_pair_whose_prompt_fills_max_length(tokenizer, caplog):
     rows = [{"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."},
-            {"prompt": "same", "chosen": " x", "rejected": " x"},  # dropped: must not shift the row numbers
+            {"prompt": "same", "chosen": " x", "rejected": " x"},  # dropped too: must not shift the row numbers
             {"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " bad."}]
     max_length = len(tokenizer(LONG_PROMPT)["input_ids"])
-    with pytest.raises(DataError, match=r"row 2\b.*field 'prompt'.*max_length"):
-        prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    assert data["row_index"] == [0] and texts(data) == rows[:1]
+    assert (f"inline [train]: dropped 1 of 3 pairs whose prompt leaves no room for a completion within max_length "
+            f"{max_length} (row 2); raise --max_length") in caplog.text
+    assert "inline [train]: dropped 1 of 3 pairs whose chosen equals rejected (row 1)" in caplog.text
+    assert len(prepare(rows, tokenizer, max_length=max_length + 1)) == 2  # one token of room: it trains
+    with pytest.raises(DataError, match=rf"inline \[train\]: no pair left to train on: all 2 pairs were dropped: 1 "
+                                        rf"whose chosen equals rejected, 1 whose prompt leaves no room for a "
+                                        rf"completion within max_length {max_length}"):
+        prepare(rows[1:], tokenizer, max_length=max_length)
 
 
 def test_keep_end_cuts_the_prompt_from_the_left(tokenizer):
@@ -455,8 +467,8 @@ def test_pairs_identical_after_truncation_are_dropped_with_a_warning(tokenizer, 
                f"max_length {max_length}" in m for m in messages), caplog.text
     # one more token tells the answers apart: nothing dropped for truncation
     assert len(prepare(rows, tokenizer, max_length=max_length + 1)) == 2
-    with pytest.raises(DataError, match=rf"all 1 pairs have chosen identical to rejected, as texts or as the tokens "
-                                        rf"kept by max_length {max_length}: nothing to learn from"):
+    with pytest.raises(DataError, match=rf"all 1 pairs were dropped: 1 whose chosen and rejected differ as texts but "
+                                        rf"not as the tokens kept by max_length {max_length}"):
         prepare([TRUNCATED_ALIKE], tokenizer, max_length=max_length)
 
 
@@ -468,14 +480,10 @@ CONV_GOOD = {"chosen": [user("hi"), assistant("hello")], "rejected": [user("hi")
 
 ERROR_CASES = [
     pytest.param([{"prompt": "p", "chosen": " a"}] * 2, 0, "rejected", "missing field", id="missing-column"),
-    pytest.param([GOOD, {**GOOD, "chosen": ""}], 1, "chosen", "is empty", id="empty-chosen"),
-    pytest.param([GOOD, {**GOOD, "rejected": "   "}], 1, "rejected", "is empty", id="blank-rejected"),
     pytest.param([GOOD, {**GOOD, "prompt": ""}], 1, "prompt", "is empty", id="empty-prompt"),
     pytest.param([GOOD, {**GOOD, "chosen": None}], 1, "chosen", "must be a str", id="null-chosen"),
     pytest.param([{**GOOD, "rejected": 3}, {**GOOD, "rejected": 4}], 0, "rejected", "must be a str, got int",
                  id="int-rejected"),
-    pytest.param([HH_GOOD, {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: yes"}], 1,
-                 "chosen", "empty completion", id="implicit-chosen-has-no-answer"),
     pytest.param([HH_GOOD, {"chosen": "hello there", "rejected": "goodbye"}], 1, "chosen", "share no prompt",
                  id="implicit-no-shared-prompt"),
     pytest.param([CONV_GOOD, {**CONV_GOOD, "rejected": [{"role": "human", "content": "hi"}, assistant("no")]}], 1,
@@ -504,8 +512,8 @@ def test_bad_rows_raise_data_error_naming_row_and_field(rows, index, field, mess
 
 
 def test_error_from_a_file_names_the_file(rows_file, tokenizer):
-    path = rows_file("pairs.jsonl", [GOOD, GOOD, {**GOOD, "chosen": ""}])
-    with pytest.raises(DataError, match=re.escape(path) + r" \[train\] row 2: field 'chosen' is empty"):
+    path = rows_file("pairs.jsonl", [GOOD, GOOD, {**GOOD, "chosen": None}])
+    with pytest.raises(DataError, match=re.escape(path) + r" \[train\] row 2 \(line 3\): field 'chosen' must be a str"):
         load_preference_data(DataArguments(dataset_name=path), tokenizer)
 
 
@@ -522,3 +530,263 @@ def test_no_warning_without_identical_pairs(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="utils.data"):
         prepare(EXPLICIT_ROWS, tokenizer)
     assert not [r for r in caplog.records if "dropped" in r.getMessage()]
+
+
+# ----------------------------------------------------------------------------------------- row policy
+
+def test_empty_answers_train_as_eos_only_completions_and_both_empty_is_an_identical_pair(tokenizer, caplog):
+    eos = tokenizer.eos_token_id
+    rows = [GOOD, {**GOOD, "chosen": ""}, {**GOOD, "rejected": "   "}, {**GOOD, "chosen": "", "rejected": " \n"}]
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer)
+    assert data["row_index"] == [0, 1, 2]
+    (good, empty_chosen, blank_rejected) = data
+    assert empty_chosen["chosen_input_ids"] == [eos] and empty_chosen["chosen"] == ""
+    assert empty_chosen["rejected_input_ids"] == good["rejected_input_ids"]
+    assert blank_rejected["rejected_input_ids"] == [eos]
+    assert blank_rejected["chosen_input_ids"] == good["chosen_input_ids"]
+    assert ("inline [train]: 2 of 4 pairs have an empty answer (rows 1, 2): it trains as an eos-only completion"
+            in caplog.text)
+    assert "inline [train]: dropped 1 of 4 pairs whose chosen equals rejected (row 3)" in caplog.text
+
+
+def test_empty_final_answers_of_implicit_and_conversational_rows_train(tokenizer, caplog):
+    eos = tokenizer.eos_token_id
+    hh_empty = {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    (row,) = prepare([hh_empty], tokenizer)
+    assert (row["prompt"], row["chosen_input_ids"]) == ("\n\nHuman: hi\n\nAssistant:", [eos])
+    assert row["rejected_input_ids"] == ids(tokenizer, " go away") + [eos]
+    conversation = {"chosen": [user("hi"), assistant(" ")], "rejected": [user("hi"), assistant("go away")]}
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        (row,) = prepare([conversation], tokenizer)
+    assert row["chosen_input_ids"] == [eos] and row["rejected_input_ids"][-1] == eos
+    assert "1 of 1 pairs have an empty answer (row 0)" in caplog.text
+
+
+def test_warnings_name_at_most_five_rows(tokenizer, caplog):
+    rows = [GOOD] + [{**GOOD, "rejected": GOOD["chosen"]}] * 7
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        prepare(rows, tokenizer)
+    assert "dropped 7 of 8 pairs whose chosen equals rejected (rows 1, 2, 3, 4, 5, ...)" in caplog.text
+
+
+def test_rows_are_named_by_their_row_and_line_in_the_file_whatever_the_split(tmp_path, tokenizer, caplog):
+    rows = [{"prompt": f"prompt number {i}.", "chosen": f" good {i}.", "rejected": f" bad {i}."} for i in range(30)]
+    rows[20]["rejected"] = rows[20]["chosen"]
+    lines = []  # the file's lines, with blank lines that `datasets` skips
+    for i, row in enumerate(rows):
+        lines += [json.dumps(row)] + [""] * (i % 7 == 3)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    line_of_row = [number for number, line in enumerate(lines, start=1) if line]
+    args = DataArguments(dataset_name=str(path), eval_fraction=0.3)
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = load_preference_data(args, tokenizer)
+    assert f"dropped 1 of 30 pairs whose chosen equals rejected (row 20 (line {line_of_row[20]}))" in caplog.text
+    assert (len(data["train"]), len(data["test"])) == (20, 9)
+    for split in ("train", "test"):  # row_index (the NaN guard's too) is the file's row in both parts
+        for row in data[split]:
+            assert row["prompt"] == rows[row["row_index"]]["prompt"]
+    assert sorted([*data["train"]["row_index"], *data["test"]["row_index"]]) == [i for i in range(30) if i != 20]
+    rows[27]["chosen"] = None
+    path.write_text("\n\n".join(json.dumps(row) for row in rows) + "\n")  # a blank line between rows: row r, line 2r+1
+    with pytest.raises(DataError, match=re.escape(f"{path} [train] row 27 (line 55): field 'chosen' must be a str")):
+        load_preference_data(args, tokenizer)
+
+
+# ---------------------------------------------------------------------------------- max_prompt_length
+
+def test_max_prompt_length_cuts_prompts_from_the_left_keeping_bos(tokenizer):
+    special = toy_tokenizer_adding(bos=True, eos=False)
+    rows = [{"prompt": LONG_PROMPT, "chosen": " good.", "rejected": " very bad."},
+            {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}]
+    full_long, full_short = untruncated(rows, tokenizer)
+    bos = special.bos_token_id
+    long_row, short_row = prepare(rows, special, max_length=10_000, max_prompt_length=6)
+    assert long_row["prompt_input_ids"] == [bos] + full_long["prompt_input_ids"][-5:]  # 6 tokens, bos counted
+    assert short_row["prompt_input_ids"] == [bos] + full_short["prompt_input_ids"]  # short prompts stay whole
+    for row, full in ((long_row, full_long), (short_row, full_short)):
+        assert (row["chosen_input_ids"], row["rejected_input_ids"]) == (full["chosen_input_ids"],
+                                                                        full["rejected_input_ids"])
+
+
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
+def test_max_prompt_length_applies_before_max_length(mode, tokenizer):
+    rows = [{"prompt": LONG_PROMPT, "chosen": LONG_ANSWER, "rejected": " bad."}]
+    (full,) = untruncated(rows, tokenizer)
+    max_length = len(full["prompt_input_ids"])  # keep_start alone has no room for a completion here
+    with pytest.raises(DataError, match="no room for a completion"):
+        prepare(rows, tokenizer, max_length=max_length, truncation_mode="keep_start")
+    (row,) = prepare(rows, tokenizer, max_length=max_length, max_prompt_length=4, truncation_mode=mode)
+    # a 4-token prompt leaves max_length - 4 for completions, which keep_end does not cut further into the prompt
+    assert row["prompt_input_ids"] == full["prompt_input_ids"][-4:]
+    assert row["chosen_input_ids"] == full["chosen_input_ids"][:max_length - 4]
+    assert row["rejected_input_ids"] == full["rejected_input_ids"]
+
+
+def test_max_prompt_length_must_be_positive():
+    with pytest.raises(ConfigError, match="--max_prompt_length must be >= 1"):
+        parse_args((DataArguments,), ["--max_prompt_length", "0"])
+
+
+# ------------------------------------------------------------------------------------------- mixtures
+
+def explicit_rows(tag: str, n: int) -> list[dict]:
+    return [{"prompt": f"{tag} prompt {i}.", "chosen": f" {tag} good {i}.", "rejected": f" {tag} bad {i}."}
+            for i in range(n)]
+
+
+def hh_rows_with_a_prompt_column(n: int) -> list[dict]:
+    """Implicit rows plus a 'prompt' column that would make them explicit: `columns` must select it away."""
+    return [{"prompt": "a distracting column", "chosen": f"\n\nHuman: question {i}?\n\nAssistant: yes {i}.",
+             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: no {i}."} for i in range(n)]
+
+
+def test_dataset_mixture_from_a_yaml_recipe(tmp_path, rows_file, tokenizer):
+    a_rows, b_rows = explicit_rows("a", 20), hh_rows_with_a_prompt_column(10)
+    a, b = rows_file("a.jsonl", a_rows), rows_file("b.jsonl", b_rows)
+    mixture = {"datasets": [{"id": a, "weight": 0.5}, {"id": b, "columns": ["chosen", "rejected"]},
+                            {"id": toy_task.TOY_DATASET_NAME, "split": "test", "weight": 0.25}],
+               "seed": 3, "test_split_size": 0.2}
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"dataset_mixture": mixture, "max_length": 64, "toy_num_eval_pairs": 8}))
+    (args,) = parse_args((DataArguments,), [str(config)])
+    assert args.dataset_mixture == mixture  # the YAML mapping arrives intact
+    data = load_preference_data(args, tokenizer)
+    total = 10 + 10 + 2
+    assert (len(data["train"]), len(data["test"])) == (total - math.ceil(0.2 * total), math.ceil(0.2 * total))
+    mixed = [row for split in ("train", "test") for row in data[split]]
+    # a: the rows alignment-handbook keeps, the split shuffled with the mixture's seed, then its first half
+    kept_a = Dataset.from_list(a_rows).shuffle(seed=3).select(range(10))["prompt"]
+    assert sorted(row["prompt"] for row in mixed if row["prompt"].startswith("a ")) == sorted(kept_a)
+    # b: with the 'prompt' column selected away, implicit rows whose prompt is the shared dialog
+    b_prompts = sorted(row["prompt"] for row in mixed if row["prompt"].startswith("\n\nHuman:"))
+    assert b_prompts == sorted(f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(10))
+    for row in mixed:
+        source = a_rows if row["prompt"].startswith("a ") else b_rows if row["prompt"].startswith("\n") else None
+        if source is not None:
+            assert row["chosen"] in source[row["row_index"]]["chosen"]  # row_index is the source's row
+    toy_prompts = [row["prompt"] for row in mixed if not row["prompt"].startswith(("a ", "\n"))]
+    assert len(toy_prompts) == 2 and set(toy_prompts) <= {row["prompt"] for row in toy_task.generator_pairs(8, seed=1)}
+
+
+def test_dataset_mixture_errors_name_the_dataset(rows_file, tokenizer):
+    a = rows_file("a.jsonl", explicit_rows("a", 4))
+    bad = rows_file("bad.jsonl", [*explicit_rows("b", 3), {"prompt": "p", "chosen": 5, "rejected": " r"}])
+
+    def load(*datasets_):
+        return load_preference_data(DataArguments(dataset_mixture={"datasets": list(datasets_)}), tokenizer)
+
+    with pytest.raises(DataError, match=re.escape(f"{bad} [train] row 3 (line 4): field 'chosen' must be a str")):
+        load({"id": a}, {"id": bad})
+    with pytest.raises(DataError, match=re.escape(f"{a}: no split 'validation'")):
+        load({"id": a, "split": "validation"})
+    with pytest.raises(DataError, match=re.escape(f"{a} [train]: no column(s) ['question'] to select")):
+        load({"id": a, "columns": ["question", "chosen"]})
+    with pytest.raises(ConfigError, match=re.escape(f"dataset_mixture: {a}: weight must be a fraction")):
+        load({"id": a, "weight": 1.5})
+    with pytest.raises(ConfigError, match=re.escape(f"dataset_mixture: {a}: unknown key(s) ['wieght']")):
+        load({"id": a, "wieght": 0.5})
+    with pytest.raises(ConfigError, match=r"dataset_mixture: datasets\[0\] must be a mapping with a string 'id'"):
+        load({"name": a})
+
+
+def test_dataset_mixture_parses_as_json_on_the_command_line_and_help_works(rows_file, capsys):
+    mixture = {"datasets": [{"id": rows_file("a.jsonl", explicit_rows("a", 2)), "weight": 0.5}], "seed": 1}
+    (args,) = parse_args((DataArguments,), ["--dataset_mixture", json.dumps(mixture)])
+    assert args.dataset_mixture == mixture
+    with pytest.raises(ConfigError, match="dataset_mixture: not a JSON mapping"):
+        parse_args((DataArguments,), ["--dataset_mixture", "{datasets: oops"])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args((DataArguments,), ["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--dataset_mixture" in help_text and "--max_prompt_length" in help_text and "--dataset_mixer" in help_text
+
+
+def test_dataset_mixer_keeps_the_first_rows_of_each_train_split_and_every_test_row(tmp_path, rows_file, tokenizer):
+    splits = {name: {"train": explicit_rows(f"{name} train", 10), "test": explicit_rows(f"{name} test", 3)}
+              for name in ("a", "b")}
+    for name, by_split in splits.items():
+        for split, rows in by_split.items():
+            rows_file(f"{name}/{split}.jsonl", rows)
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"dataset_mixer": {str(tmp_path / "a"): 0.3, str(tmp_path / "b"): 1.0},
+                                      "dataset_splits": ["train", "test"]}))
+    (args,) = parse_args((DataArguments,), [str(config)])
+    data = load_preference_data(args, tokenizer)
+    expected_train = splits["a"]["train"][:3] + splits["b"]["train"]  # the first int(0.3 * 10) rows of a
+    assert sorted(row["prompt"] for row in data["train"]) == sorted(row["prompt"] for row in expected_train)
+    assert sorted(texts(data["test"]), key=str) == sorted(splits["a"]["test"] + splits["b"]["test"], key=str)
+    assert data["train"]["prompt"] != [row["prompt"] for row in expected_train]  # shuffled (seed 42)
+    with pytest.raises(ConfigError, match=r"dataset_splits: 'dev' names neither a train nor a test split"):
+        DataArguments(dataset_mixer={"a": 1.0}, dataset_splits=["train", "dev"])
+    with pytest.raises(ConfigError, match=r"dataset_configs: 1 names for 2 datasets"):
+        DataArguments(dataset_mixer={"a": 1.0, "b": 0.5}, dataset_configs=["x"])
+
+
+# ------------------------------------------------------------------------------ an HH-RLHF-like split
+
+HH_ROWS = 24
+HH_EMPTY_CHOSEN, HH_EMPTY_REJECTED, HH_IDENTICAL, HH_LONG = (5, 13), (21,), 9, 17
+
+
+def hh_rlhf_like_rows() -> tuple[list[dict], list[str]]:
+    """HH-RLHF's layout: chosen and rejected are whole dialogs ('\\n\\nHuman: ...\\n\\nAssistant: ...') that differ
+    in the final answer only; some final answers are empty, one pair is identical and one dialog is very long.
+    Returns the rows and each row's prompt (the dialog up to its last assistant turn), known by construction."""
+    utterances = iter(review.split(". ")[0] for review in toy_task.make_corpus(400, seed=7))
+    rows, prompts = [], []
+    for i in range(HH_ROWS):
+        exchanges = 14 if i == HH_LONG else 2 + i % 3
+        dialog = "".join(f"\n\nHuman: {next(utterances)}\n\nAssistant: {next(utterances)}" for _ in range(exchanges))
+        prompt = dialog + f"\n\nHuman: {next(utterances)}\n\nAssistant:"
+        chosen, rejected = " yes, " + next(utterances), " no, " + next(utterances)
+        chosen = "" if i in HH_EMPTY_CHOSEN else chosen
+        rejected = "" if i in HH_EMPTY_REJECTED else chosen if i == HH_IDENTICAL else rejected
+        rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
+        prompts.append(prompt)
+    return rows, prompts
+
+
+HH_MAX_LENGTH = 192  # more than any dialog's prompt but the long one's
+
+
+def test_hh_rlhf_like_split_keeps_the_rows_that_can_train_and_names_the_others(rows_file, tokenizer, caplog):
+    rows, prompts = hh_rlhf_like_rows()
+    too_long = [i for i, prompt in enumerate(prompts) if len(ids(tokenizer, prompt)) >= HH_MAX_LENGTH]
+    assert too_long == [HH_LONG]  # the fixture is what it says
+    path = rows_file("harmless-base/test.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        train = load_preference_data(DataArguments(dataset_name=path, max_length=HH_MAX_LENGTH), tokenizer)["train"]
+    assert train["row_index"] == [i for i in range(HH_ROWS) if i not in (HH_IDENTICAL, HH_LONG)]
+    eos = tokenizer.eos_token_id
+    for row in train:
+        assert row["prompt"] == prompts[row["row_index"]]
+        assert row["prompt_input_ids"] == ids(tokenizer, row["prompt"])
+        for side, empty_rows in (("chosen", HH_EMPTY_CHOSEN), ("rejected", HH_EMPTY_REJECTED)):
+            completion = row[f"{side}_input_ids"]
+            if row["row_index"] in empty_rows:
+                assert completion == [eos]
+            else:
+                assert completion == ids(tokenizer, rows[row["row_index"]][side][len(row["prompt"]):]) + [eos]
+    source = f"{path} [train]"  # rows of a JSON Lines file are named with their line (row + 1 here)
+    assert f"{source}: dropped 1 of 24 pairs whose chosen equals rejected (row 9 (line 10))" in caplog.text
+    assert (f"{source}: dropped 1 of 24 pairs whose prompt leaves no room for a completion within max_length "
+            f"{HH_MAX_LENGTH} (row 17 (line 18))") in caplog.text
+    assert (f"{source}: 3 of 24 pairs have an empty answer (rows 5 (line 6), 13 (line 14), 21 (line 22)): it trains "
+            f"as an eos-only completion") in caplog.text
+
+
+def test_hh_rlhf_like_split_trains_under_default_flags(tmp_path, rows_file):
+    import train_dpo
+
+    path = rows_file("harmless-base/test.jsonl", hh_rlhf_like_rows()[0])
+    trainer = train_dpo.main(["--dataset_name", path, "--model_name_or_path", "mixtral-tiny", "--max_length",
+                              str(HH_MAX_LENGTH), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                              "--use_cpu", "true", "--report_to", "none", "--logging_steps", "1", "--disable_tqdm",
+                              "true", "--output_dir", str(tmp_path / "out"), "--ref_logps_cache_dir",
+                              str(tmp_path / "cache")])
+    assert trainer.state.global_step == 2
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)

@@ -49,22 +49,23 @@ def write_jsonl(path: Path, rows: list) -> str:
 # ------------------------------------------------------------------------------------------ bad input
 
 BAD_DATA = [  # rows, flags, error message (regex)
-    pytest.param([{"prompt": "p", "chosen": " a"}] * 2, [], r"row 0: missing field 'rejected'", id="missing-column"),
-    pytest.param([GOOD, {"prompt": "p", "chosen": " a"}], [], r"row 1: field 'rejected' must be a str, got null or "
-                 r"missing", id="missing-in-one-row"),
-    pytest.param([GOOD, {**GOOD, "chosen": None}], [], r"row 1: field 'chosen' must be a str, got null", id="null"),
-    pytest.param([GOOD, {**GOOD, "rejected": "  "}], [], r"row 1: field 'rejected' is empty", id="empty"),
-    pytest.param([GOOD, GOOD, {**GOOD, "prompt": 7}], [], r"row 2: field 'prompt' must be a str, got int",
+    pytest.param([{"prompt": "p", "chosen": " a"}] * 2, [], r"row 0 \(line 1\): missing field 'rejected'",
+                 id="missing-column"),
+    pytest.param([GOOD, {"prompt": "p", "chosen": " a"}], [], r"row 1 \(line 2\): field 'rejected' must be a str, "
+                 r"got null or missing", id="missing-in-one-row"),
+    pytest.param([GOOD, {**GOOD, "chosen": None}], [], r"row 1 \(line 2\): field 'chosen' must be a str, got null",
+                 id="null"),
+    pytest.param([GOOD, GOOD, {**GOOD, "prompt": 7}], [], r"row 2 \(line 3\): field 'prompt' must be a str, got int",
                  id="non-string"),
     pytest.param([{"chosen": [USER, ASSISTANT], "rejected": [{"role": "human", "content": "hi"}, ASSISTANT]}], [],
-                 r"row 0: field 'rejected' message 0 has role 'human'", id="unknown-role"),
+                 r"row 0 \(line 1\): field 'rejected' message 0 has role 'human'", id="unknown-role"),
     pytest.param([{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [USER]}], [],
-                 r"row 0: field 'rejected' must end with an assistant turn", id="not-ending-in-assistant"),
-    pytest.param([GOOD, {**GOOD, "prompt": "i watched this movie last night with my sister and my brother " * 3}],
-                 ["--max_length", "12"], r"row 1: field 'prompt' has \d+ tokens, max_length is 12",
-                 id="prompt-longer-than-max-length"),
-    pytest.param([{**GOOD, "rejected": GOOD["chosen"]}] * 2, [], r"all 2 pairs have chosen identical to rejected",
-                 id="every-chosen-identical-to-rejected"),
+                 r"row 0 \(line 1\): field 'rejected' must end with an assistant turn", id="not-ending-in-assistant"),
+    pytest.param([{**GOOD, "prompt": "i watched this movie last night with my sister and my brother " * 3}] * 2,
+                 ["--max_length", "12"], r"no pair left to train on: all 2 pairs were dropped: 2 whose prompt leaves "
+                 r"no room for a completion within max_length 12", id="every-prompt-longer-than-max-length"),
+    pytest.param([{**GOOD, "rejected": GOOD["chosen"]}] * 2, [], r"no pair left to train on: all 2 pairs were dropped: "
+                 r"2 whose chosen equals rejected", id="every-chosen-identical-to-rejected"),
 ]
 
 

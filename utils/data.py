@@ -1,22 +1,33 @@
-"""Preference data: load (Hub, local file or folder, built-in toy task), normalise every format to
-prompt / chosen / rejected, tokenise once, and collate into padded chosen+rejected batches.
+"""Preference data: load (Hub, local file or folder, built-in toy task, or a mixture of these), normalise every
+format to prompt / chosen / rejected, tokenise once, and collate into padded chosen+rejected batches.
 
 The prompt/completion boundary is decided here, once, at tokenisation: every other module reads
-`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos).
+`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos), and `row_index`, the
+row in its source split.
+
+The row policy for real data is decided here too:
+- a broken schema (missing field, wrong type, invalid JSON, unknown role, a conversation not ending in an
+  assistant turn) raises DataError before any training, naming the source, row and field;
+- an empty or blank answer is a preference (nothing beats the other answer): it trains as an eos-only
+  completion, counted in one warning;
+- a pair that cannot train (chosen equals rejected, no room for a completion token, or chosen and rejected equal
+  as the tokens kept) is dropped, counted in one warning per reason; DataError only when nothing is left.
+Warnings name the first few rows (and their lines, for a JSON Lines file).
 """
 
+import functools
 import json
 import logging
-import operator
 import os
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 
 from utils import toy_task
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +35,22 @@ FORMATS = ("auto", "explicit", "implicit", "conversational")
 LOCAL_FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
 IMPLICIT_ASSISTANT_TURN = "\n\nAssistant:"  # HH-RLHF's marker of an assistant turn
+MIXTURE_KEYS = ("datasets", "seed", "test_split_size")  # alignment-handbook's dataset_mixture
+MIXTURE_DATASET_KEYS = ("id", "config", "split", "columns", "weight")
+MIXER_SEED = 42  # alignment-handbook shuffles a dataset_mixer's splits with this fixed seed
+ROWS_NAMED = 5  # rows a warning names
+PAIR_COLUMNS = ["prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+                "row_index"]  # what a prepared split holds
+
+# Why a pair is dropped (the `drop` column: 0 keeps it), and how to keep such pairs.
+KEPT, SAME_TEXTS, NO_ROOM, SAME_TOKENS = range(4)
+DROP_REASONS = {
+    SAME_TEXTS: ("whose chosen equals rejected", ""),
+    NO_ROOM: ("whose prompt leaves no room for a completion within max_length {max_length}",
+              "raise --max_length, set --max_prompt_length or use --truncation_mode keep_end to keep them"),
+    SAME_TOKENS: ("whose chosen and rejected differ as texts but not as the tokens kept by max_length {max_length}",
+                  "raise --max_length to keep them"),
+}
 
 
 @dataclass
@@ -31,12 +58,29 @@ class DataArguments:
     dataset_name: str = field(
         default=toy_task.TOY_DATASET_NAME,
         metadata={"help": f"Hub dataset name, local .json/.jsonl/.parquet/.csv file or folder, or "
-                          f"'{toy_task.TOY_DATASET_NAME}' (built in)."})
+                          f"'{toy_task.TOY_DATASET_NAME}' (built in). Ignored with a dataset mixture."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, if present."})
     eval_fraction: float = field(
-        default=0.0, metadata={"help": "Hold out this fraction of train for evaluation when no test split exists."})
+        default=0.0, metadata={"help": "Hold out this fraction of train for evaluation when no test split exists "
+                                       "(a mixture's test_split_size comes first)."})
+    dataset_mixture: dict | str | None = field(
+        default=None,
+        metadata={"help": "alignment-handbook's dataset mixture, a YAML mapping (or JSON on the command line): "
+                          "datasets: a list of {id, config, split (train), columns, weight (the fraction of the "
+                          "split's rows kept, shuffled with seed)}, seed (0), test_split_size (held out of the "
+                          "mixture). Each id is anything --dataset_name takes."})
+    dataset_mixer: dict | str | None = field(
+        default=None,
+        metadata={"help": "alignment-handbook's older mixture: {id: fraction of its train rows kept (the first "
+                          "ones)}, reading --dataset_splits of each id (with --dataset_configs)."})
+    dataset_splits: list[str] = field(
+        default_factory=lambda: ["train", "test"],
+        metadata={"help": "With --dataset_mixer: the splits to read; names containing 'train' train, names "
+                          "containing 'test' evaluate."})
+    dataset_configs: list[str] | None = field(
+        default=None, metadata={"help": "With --dataset_mixer: one configuration name per dataset."})
     dataset_format: str = field(
         default="auto", metadata={"help": "explicit (prompt/chosen/rejected strings), implicit (chosen/rejected "
                                           "share the prompt as prefix), conversational (message lists), or auto.",
@@ -45,11 +89,17 @@ class DataArguments:
     chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred completion."})
     rejected_column: str = field(default="rejected", metadata={"help": "Column holding the other completion."})
     max_length: int = field(default=256, metadata={"help": "Max tokens of prompt + completion."})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut prompts from the left to this many tokens (bos kept and counted) before fitting "
+                          "completions into max_length, as TRL and alignment-handbook recipes mean it. Off by "
+                          "default."})
     truncation_mode: str = field(
         default="keep_start",
         metadata={"help": "Pairs longer than max_length: keep_start keeps the whole prompt and cuts completions' "
-                          "ends (a prompt that alone fills max_length is an error); keep_end first cuts the prompt "
-                          "from the left, down to max_length // 2 tokens, then cuts completions' ends.",
+                          "ends (a pair whose prompt alone fills max_length is dropped); keep_end first cuts the "
+                          "prompt from the left, down to max_length // 2 tokens, then cuts completions' ends. "
+                          "--max_prompt_length applies first; bos is never cut.",
                   "choices": ["keep_start", "keep_end"]})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     toy_num_train_pairs: int = field(default=2000, metadata={"help": "Toy task: training pairs to generate."})
@@ -61,38 +111,174 @@ class DataArguments:
     toy_bt_temperature: float = field(default=0.1, metadata={"help": "Toy task: Bradley-Terry temperature."})
     toy_seed: int = field(default=0, metadata={"help": "Toy task: generator seed."})
 
+    def __post_init__(self):
+        self.dataset_mixture = _mapping(self.dataset_mixture, "dataset_mixture")
+        self.dataset_mixer = _mapping(self.dataset_mixer, "dataset_mixer")
+        if self.dataset_mixture is not None and self.dataset_mixer is not None:
+            raise ConfigError("set one of dataset_mixture and dataset_mixer, not both")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        mixture_parts(self)  # a mixture that cannot be read fails here, before any model is loaded
+
+
+def _mapping(value, name: str) -> dict | None:
+    """A YAML mapping arrives as a dict (parser defaults are not converted); a command-line value as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{name}: not a JSON mapping ({error})") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+# -------------------------------------------------------------------------------------------- mixtures
+
+@dataclass(frozen=True)
+class MixturePart:
+    """One dataset split of a mixture: `weight` is the fraction of its rows kept, shuffled with `shuffle_seed`
+    first, or the first rows where that is None (dataset_mixer)."""
+    id: str
+    config: str | None
+    split: str
+    role: str  # "train" or "test"
+    weight: float | None = None
+    columns: tuple[str, ...] | None = None
+    shuffle_seed: int | None = None
+
+
+def mixture_parts(args: DataArguments) -> tuple[list[MixturePart], int, float | int | None] | None:
+    """(parts, seed of the mixed splits' shuffle, test_split_size) as alignment-handbook reads its mixture keys,
+    or None without a mixture. A malformed mixture is a ConfigError naming the dataset id."""
+    if args.dataset_mixture is not None:
+        mixture = args.dataset_mixture
+        _check_keys(mixture, MIXTURE_KEYS, "dataset_mixture")
+        entries = mixture.get("datasets")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError("dataset_mixture: 'datasets' must be a non-empty list of {id, config, split, columns, "
+                              "weight}")
+        seed = mixture.get("seed", 0)
+        if not isinstance(seed, int):
+            raise ConfigError(f"dataset_mixture: seed must be an integer, got {seed!r}")
+        parts = []
+        for number, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                raise ConfigError(f"dataset_mixture: datasets[{number}] must be a mapping with a string 'id'")
+            where = f"dataset_mixture: {entry['id']}"
+            _check_keys(entry, MIXTURE_DATASET_KEYS, where)
+            columns = entry.get("columns")
+            if columns is not None and not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+                raise ConfigError(f"{where}: columns must be a list of column names, got {columns!r}")
+            parts.append(MixturePart(entry["id"], entry.get("config"), entry.get("split", "train"), "train",
+                                     _weight(entry.get("weight"), where), tuple(columns) if columns else None, seed))
+        test_split_size = mixture.get("test_split_size")
+        valid = (isinstance(test_split_size, float) and 0 < test_split_size < 1
+                 or isinstance(test_split_size, int) and not isinstance(test_split_size, bool) and test_split_size > 0)
+        if test_split_size is not None and not valid:
+            raise ConfigError(f"dataset_mixture: test_split_size must be a fraction in (0, 1) or a row count, "
+                              f"got {test_split_size!r}")
+        return parts, seed, test_split_size
+    if args.dataset_mixer is not None:
+        configs = args.dataset_configs or [None] * len(args.dataset_mixer)
+        if len(configs) != len(args.dataset_mixer):
+            raise ConfigError(f"dataset_configs: {len(configs)} names for {len(args.dataset_mixer)} datasets in "
+                              f"dataset_mixer")
+        parts = []
+        for (name, fraction), config in zip(args.dataset_mixer.items(), configs):
+            for split in args.dataset_splits:
+                if "train" not in split and "test" not in split:
+                    raise ConfigError(f"dataset_splits: {split!r} names neither a train nor a test split")
+                role = "train" if "train" in split else "test"  # test splits are not subsampled
+                weight = _weight(fraction, f"dataset_mixer: {name}") if role == "train" else None
+                parts.append(MixturePart(name, config, split, role, weight))
+        return parts, MIXER_SEED, None
+    return None
+
+
+def _check_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected {list(known)}")
+
+
+def _weight(weight, where: str) -> float | None:
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1:
+        raise ConfigError(f"{where}: weight must be a fraction of the rows in (0, 1], got {weight!r}")
+    return float(weight)
+
 
 # ----------------------------------------------------------------------------------------------- load
 
-def load_raw_dataset(args: DataArguments) -> DatasetDict:
-    """Train (and test, where one exists or is split off) as they come, before any normalisation."""
-    name = args.dataset_name
+@dataclass(frozen=True)
+class Source:
+    """Where rows come from, as messages name them: `name [split] row R`, and `(line L)` for a JSON Lines file."""
+    name: str
+    split: str
+    jsonl_path: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.split}]"
+
+    def rows(self, indices) -> str:
+        """'row 3 (line 5)', or 'rows 3 (line 5), 8 (line 10), ...' past ROWS_NAMED of them."""
+        lines = jsonl_line_numbers(self.jsonl_path) if self.jsonl_path else None
+        named = [f"{i} (line {lines[i]})" if lines else str(i) for i in map(int, indices[:ROWS_NAMED])]
+        return ("row " if len(indices) == 1 else "rows ") + ", ".join(named) + (", ..." * (len(indices) > ROWS_NAMED))
+
+
+@dataclass(frozen=True)
+class RowName:
+    """'source [split] row R (line L)', formatted only when a message is (a JSON Lines file is read for L)."""
+    source: Source
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.source} {self.source.rows([self.index])}"
+
+
+def jsonl_line_numbers(path: str) -> list[int]:
+    """The line number of each row of a JSON Lines file (`datasets` skips blank lines)."""
+    stat = os.stat(path)
+    return _jsonl_line_numbers(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _jsonl_line_numbers(path: str, *version) -> list[int]:
+    # Split at '\n' only, as JSON Lines is: a string may hold a raw U+2028, which str.splitlines splits at.
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [number for number, line in enumerate(f.read().split("\n"), start=1) if line.strip()]
+
+
+def is_json_lines(path: str) -> bool:
+    if not path.endswith((".json", ".jsonl")):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return not f.read(4096).lstrip().startswith("[")
+
+
+def load_source(name: str, config: str | None, args: DataArguments) -> tuple[DatasetDict, str | None]:
+    """All splits of one dataset as they come, before any normalisation, and the path of the JSON Lines file they
+    come from, if they do (to name rows by line)."""
     if name == toy_task.TOY_DATASET_NAME:
         kwargs = dict(labeling=args.toy_pair_labeling, bt_temperature=args.toy_bt_temperature)
         splits = {"train": Dataset.from_list(toy_task.generator_pairs(args.toy_num_train_pairs, args.toy_seed, **kwargs)),
                   "test": Dataset.from_list(toy_task.generator_pairs(args.toy_num_eval_pairs, args.toy_seed + 1, **kwargs))}
-        return DatasetDict(splits)
+        return DatasetDict(splits), None
     if os.path.isfile(name):
         extension = os.path.splitext(name)[1].lower()
         if extension not in LOCAL_FILE_TYPES:
             raise DataError(f"{name}: unsupported file type {extension!r}; use one of {sorted(LOCAL_FILE_TYPES)}")
         raw = load_local(name, [name], LOCAL_FILE_TYPES[extension], data_files=name)
-    elif os.path.isdir(name):
+        return raw, name if is_json_lines(name) else None
+    if os.path.isdir(name):
         files = sorted(os.path.join(root, file) for root, _, names in os.walk(name) for file in names)
-        raw = load_local(name, files, name, args.dataset_config)
-    elif name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return load_local(name, files, name, config), None
+    if name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise DataError(f"{name}: no such file or folder")  # a path, not a Hub name: don't ask the Hub
-    else:
-        raw = datasets.load_dataset(name, args.dataset_config)
-    if args.dataset_train_split not in raw:
-        raise DataError(f"{name}: no split {args.dataset_train_split!r}; it has {sorted(raw)}")
-    splits = {"train": raw[args.dataset_train_split]}
-    if args.dataset_test_split in raw:
-        splits["test"] = raw[args.dataset_test_split]
-    elif args.eval_fraction > 0:
-        split = splits["train"].train_test_split(test_size=args.eval_fraction, seed=args.toy_seed)
-        splits = {"train": split["train"], "test": split["test"]}
-    return DatasetDict(splits)
+    return datasets.load_dataset(name, config), None
 
 
 def load_local(name: str, files: list[str], *load_args, **load_kwargs) -> DatasetDict:
@@ -119,7 +305,7 @@ def check_json_file(path: str) -> None:
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -128,6 +314,45 @@ def check_json_file(path: str) -> None:
             raise DataError(f"{path} line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number}: expected a JSON object (one row), got {type(row).__name__}")
+
+
+def with_row_index(raw: Dataset) -> Dataset:
+    """`raw` with its rows' indices as the `row_index` column, added before any subsampling or split, so that
+    every message (and the NaN guard) names the row in the source."""
+    if "row_index" in raw.column_names:
+        raw = raw.remove_columns("row_index")
+    return raw.add_column("row_index", np.arange(len(raw)))
+
+
+def raw_parts(args: DataArguments) -> list[tuple[str, Source, Dataset]]:
+    """(role, source, rows with `row_index`) for every dataset split the run reads, role 'train' or 'test': the
+    train split and the test split where the source has one, or every part of a mixture (weights applied)."""
+    mixture = mixture_parts(args)
+    if mixture is None:
+        raw, jsonl_path = load_source(args.dataset_name, args.dataset_config, args)
+        if args.dataset_train_split not in raw:
+            raise DataError(f"{args.dataset_name}: no split {args.dataset_train_split!r}; it has {sorted(raw)}")
+        roles = {"train": args.dataset_train_split, "test": args.dataset_test_split}
+        return [(role, Source(args.dataset_name, split, jsonl_path), with_row_index(raw[split]))
+                for role, split in roles.items() if split in raw]
+    parts = []
+    for part in mixture[0]:
+        raw, jsonl_path = load_source(part.id, part.config, args)
+        source = Source(part.id, part.split, jsonl_path)
+        if part.split not in raw:
+            raise DataError(f"{part.id}: no split {part.split!r}; it has {sorted(raw)}")
+        rows = with_row_index(raw[part.split])
+        if part.columns is not None:
+            missing = sorted(set(part.columns) - set(rows.column_names))
+            if missing:
+                raise DataError(f"{source}: no column(s) {missing} to select; it has {rows.column_names}")
+            rows = rows.select_columns([*part.columns, "row_index"])
+        if part.weight is not None:
+            if part.shuffle_seed is not None:
+                rows = rows.shuffle(seed=part.shuffle_seed)
+            rows = rows.select(range(int(part.weight * len(rows))))
+        parts.append((part.role, source, rows))
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ normalise
@@ -140,19 +365,20 @@ def detect_format(row: dict, args: DataArguments) -> str:
     return "explicit" if args.prompt_column in row else "implicit"
 
 
-def _field(row: dict, column: str, where: str, kind: type):
+def _field(row: dict, column: str, where: RowName, kind: type, may_be_blank: bool = False):
     if column not in row:
-        raise DataError(f"{where}: missing field {column!r} (columns: {sorted(row)})")
+        raise DataError(f"{where}: missing field {column!r} (columns: {sorted(set(row) - {'row_index'})})")
     value = row[column]
     if not isinstance(value, kind):
         got = "null or missing" if value is None else type(value).__name__  # JSON rows lacking a key read as null
         raise DataError(f"{where}: field {column!r} must be a {kind.__name__}, got {got}")
-    if len(value) == 0 or (kind is str and not value.strip()):
+    blank = len(value) == 0 if kind is list else not value.strip()
+    if blank and not may_be_blank:
         raise DataError(f"{where}: field {column!r} is empty")
     return value
 
 
-def _check_messages(messages: list, where: str, column: str) -> None:
+def _check_messages(messages: list, where: RowName, column: str) -> None:
     for turn, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise DataError(f"{where}: field {column!r} message {turn} must be a dict with string 'content'")
@@ -179,14 +405,15 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def normalize_row(row: dict, index: int, args: DataArguments, tokenizer, source: str) -> dict:
-    """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template)."""
-    where = f"{source} row {index}"
+def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> dict:
+    """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template), an
+    empty or blank answer as '' (it becomes an eos-only completion), and `empty_answer`, whether one is."""
+    where = RowName(source, row["row_index"])
     fmt = detect_format(row, args)
     if fmt == "explicit":
         prompt = _field(row, args.prompt_column, where, str)
-        chosen = _field(row, args.chosen_column, where, str)
-        rejected = _field(row, args.rejected_column, where, str)
+        chosen = _field(row, args.chosen_column, where, str, may_be_blank=True)
+        rejected = _field(row, args.rejected_column, where, str, may_be_blank=True)
     elif fmt == "implicit":
         prompt, chosen, rejected = split_implicit_prompt(_field(row, args.chosen_column, where, str),
                                                          _field(row, args.rejected_column, where, str))
@@ -194,13 +421,11 @@ def normalize_row(row: dict, index: int, args: DataArguments, tokenizer, source:
             raise DataError(f"{where}: fields {args.chosen_column!r} and {args.rejected_column!r} share no prompt")
     else:
         prompt, chosen, rejected = _render_conversation(row, args, tokenizer, where)
-    if not chosen.strip() or not rejected.strip():
-        empty = args.chosen_column if not chosen.strip() else args.rejected_column
-        raise DataError(f"{where}: field {empty!r} has an empty completion after the prompt")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    chosen, rejected = (text if text.strip() else "" for text in (chosen, rejected))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected)}
 
 
-def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) -> tuple[str, str, str]:
+def _render_conversation(row: dict, args: DataArguments, tokenizer, where: RowName) -> tuple[str, str, str]:
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: conversational data needs a tokenizer with a chat template")
     chosen = _field(row, args.chosen_column, where, list)
@@ -223,6 +448,9 @@ def _render_conversation(row: dict, args: DataArguments, tokenizer, where: str) 
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     completions = []
     for column, messages in ((args.chosen_column, chosen), (args.rejected_column, rejected)):
+        if not any(message["content"].strip() for message in messages):  # an empty answer: eos only
+            completions.append("")
+            continue
         full_text = tokenizer.apply_chat_template(prompt + messages, tokenize=False)
         if not full_text.startswith(prompt_text):
             raise DataError(f"{where}: field {column!r}: the chat template does not render the prompt as a prefix "
@@ -246,6 +474,19 @@ def special_prefix_ids(tokenizer) -> list[int]:
     return with_specials[:with_specials.index(plain[0])]
 
 
+def split_special_prefix(prompt_ids: list[int], added_prefix: list[int], bos_token_id: int | None):
+    """(prefix, rest of the prompt): the sequence's start that truncation never cuts, once. `added_prefix` is what
+    the tokenizer's post-processor puts before a text ([] for conversations, whose chat template writes its own):
+    a prompt text that already starts with it (an explicit '<s>[INST] ...') does not get it twice; without it, a
+    bos the text starts with (Llama-3's or Llama-2's chat template writes one) is the prefix."""
+    if added_prefix:
+        has_it = prompt_ids[:len(added_prefix)] == added_prefix
+        return added_prefix, prompt_ids[len(added_prefix):] if has_it else prompt_ids
+    if bos_token_id is not None and prompt_ids[:1] == [bos_token_id]:
+        return prompt_ids[:1], prompt_ids[1:]
+    return [], prompt_ids
+
+
 def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: list[int]) -> list[int]:
     """Completion ids as the model sees them after the prompt's (`prompt_ids`, no special tokens), ending in eos.
 
@@ -262,75 +503,127 @@ def tokenize_completion(tokenizer, prompt: str, completion: str, prompt_ids: lis
     return ids
 
 
-def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: int, mode: str, where: str):
-    """Fit prefix + prompt + each completion into max_length; returns (prefix + prompt, chosen, rejected).
-    The prefix (special tokens such as bos) is never cut."""
+def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: int, mode: str,
+                  max_prompt_length: int | None = None):
+    """Fit prefix + prompt + each completion into max_length; returns (prefix + prompt, chosen, rejected), or None
+    where no completion token fits. The prefix (special tokens such as bos) is never cut.
+
+    1. max_prompt_length: the prompt is cut from the left to that many tokens, the prefix counted.
+    2. If prefix + prompt + the longer completion still exceed max_length: keep_end cuts the prompt from the left
+       again, to what leaves the completion whole but to no fewer than max_length // 2 tokens; keep_start keeps it.
+    3. Completions are cut at the end to the room left (a cut completion has no eos: it was not finished).
+    """
+    if max_prompt_length is not None:
+        prompt_ids = last(prompt_ids, max_prompt_length - len(prefix_ids))
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prefix_ids) + len(prompt_ids) + longest > max_length:
         if mode == "keep_end":
-            keep = max(max_length - longest, max_length // 2) - len(prefix_ids)
-            prompt_ids = prompt_ids[max(len(prompt_ids) - keep, 0):]
-        elif len(prefix_ids) + len(prompt_ids) >= max_length:
-            raise DataError(f"{where}: field 'prompt' has {len(prefix_ids) + len(prompt_ids)} tokens, max_length is "
-                            f"{max_length}: no room for a completion; raise --max_length or use --truncation_mode "
-                            f"keep_end")
+            prompt_ids = last(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids))
         room = max_length - len(prefix_ids) - len(prompt_ids)
+        if room <= 0:
+            return None
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
     return prefix_ids + prompt_ids, chosen_ids, rejected_ids
 
 
-def tokenize_row(row: dict, index: int, tokenizer, max_length: int, truncation_mode: str, prefix_ids: list[int],
-                 source: str) -> dict:
-    """Texts -> prefix_ids + prompt ids, and completion ids ending in the one eos of the sequence. The texts are
-    tokenised without special tokens: a post-processor that appends eos (Llama's add_eos_token) would put one
-    between prompt and completion."""
+def last(ids: list[int], count: int) -> list[int]:
+    """The last `count` ids (none for count <= 0)."""
+    return ids[max(len(ids) - max(count, 0), 0):]
+
+
+def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int, truncation_mode: str,
+                 max_prompt_length: int | None) -> dict:
+    """Texts -> prefix + prompt ids, completion ids ending in the one eos of the sequence, and `drop`, why the
+    pair cannot train (KEPT: it can). The texts are tokenised without special tokens: a post-processor that
+    appends eos (Llama's add_eos_token) would put one between prompt and completion."""
     prompt_ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
     chosen_ids = tokenize_completion(tokenizer, row["prompt"], row["chosen"], prompt_ids)
     rejected_ids = tokenize_completion(tokenizer, row["prompt"], row["rejected"], prompt_ids)
-    prompt_ids, chosen_ids, rejected_ids = truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length,
-                                                         truncation_mode, f"{source} row {index}")
+    prefix_ids, prompt_ids = split_special_prefix(prompt_ids, added_prefix, tokenizer.bos_token_id)
+    fitted = truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length, truncation_mode,
+                           max_prompt_length)
+    if row["chosen"] == row["rejected"]:  # no gradient, and counted as wrong in rewards/accuracies
+        drop = SAME_TEXTS
+    elif fitted is None:
+        drop = NO_ROOM
+    elif fitted[1] == fitted[2]:  # texts that differ only past max_length
+        drop = SAME_TOKENS
+    else:
+        drop = KEPT
+    prompt_ids, chosen_ids, rejected_ids = fitted or (prefix_ids + prompt_ids, [], [])
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids,
-            "row_index": index}  # the row in the source split, for error messages during training
+            "drop": drop}
 
 
-def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str) -> Dataset:
-    """Raw rows -> validated texts -> token ids. Cached by `datasets` for file and Hub sources."""
-    source = f"{args.dataset_name} [{split}]"
+def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_proc: int | None) -> Dataset:
+    """The pairs that train: each reason to drop a pair, and empty answers (which train), counted in one warning
+    naming the first rows; a DataError when nothing is left. Reads three integer columns, not the rows."""
+    table = tokenized.select_columns(["drop", "empty_answer", "row_index"]).with_format("arrow")[:]
+    drop, empty, row_index = (table.column(name).to_numpy() for name in ("drop", "empty_answer", "row_index"))
+    total = len(drop)
+    counts = {}
+    for reason, (why, how_to_keep) in DROP_REASONS.items():
+        rows = row_index[drop == reason]
+        if len(rows):
+            counts[reason] = len(rows)
+            why = why.format(max_length=max_length)
+            logger.warning("%s: dropped %d of %d pairs %s (%s)%s", source, len(rows), total, why, source.rows(rows),
+                           f"; {how_to_keep}" if how_to_keep else "")
+    if counts and sum(counts.values()) == total:
+        breakdown = ", ".join(f"{count} {DROP_REASONS[reason][0].format(max_length=max_length)}"
+                              for reason, count in counts.items())
+        raise DataError(f"{source}: no pair left to train on: all {total} pairs were dropped: {breakdown}")
+    rows = row_index[empty & (drop == KEPT)]
+    if len(rows):
+        logger.warning("%s: %d of %d pairs have an empty answer (%s): it trains as an eos-only completion", source,
+                       len(rows), total, source.rows(rows))
+    if counts:
+        tokenized = tokenized.filter(lambda drops: np.asarray(drops) == KEPT, input_columns="drop", batched=True,
+                                     num_proc=num_proc)
+    return tokenized.select_columns(PAIR_COLUMNS)
+
+
+def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, source: Source | None = None) -> Dataset:
+    """Raw rows -> validated texts -> token ids, with the row policy applied. Cached by `datasets` for file and
+    Hub sources. Rows without a `row_index` column are numbered here."""
+    source = source or Source(args.dataset_name, split)
     if len(raw) == 0:
         raise DataError(f"{source}: no rows")
+    if "row_index" not in raw.column_names:
+        raw = with_row_index(raw)
     fmt = detect_format(raw[0], args)
-    texts = raw.map(normalize_row, with_indices=True, remove_columns=raw.column_names, num_proc=args.dataset_num_proc,
-                    fn_kwargs=dict(args=args, tokenizer=tokenizer, source=source),
-                    desc=f"Normalising {split} ({fmt})")
+    texts = raw.map(normalize_row, remove_columns=[c for c in raw.column_names if c != "row_index"],
+                    num_proc=args.dataset_num_proc, fn_kwargs=dict(args=args, tokenizer=tokenizer, source=source),
+                    desc=f"Normalising {source} ({fmt})")
     # A chat template writes the conversation's special tokens itself.
-    prefix_ids = [] if fmt == "conversational" else special_prefix_ids(tokenizer)
-    # Tokenise before dropping pairs, so that an error names the row's index in the source.
-    tokenized = texts.map(tokenize_row, with_indices=True, num_proc=args.dataset_num_proc,
-                          fn_kwargs=dict(tokenizer=tokenizer, max_length=args.max_length,
-                                         truncation_mode=args.truncation_mode, prefix_ids=prefix_ids, source=source),
-                          desc=f"Tokenising {split}")
-    # A pair the model sees as the same tokens (identical texts, or texts that differ only past max_length)
-    # gives no gradient and counts as wrong in rewards/accuracies.
-    distinct_texts = tokenized.filter(operator.ne, input_columns=["chosen", "rejected"],
-                                      num_proc=args.dataset_num_proc)
-    distinct = distinct_texts.filter(operator.ne, input_columns=["chosen_input_ids", "rejected_input_ids"],
-                                     num_proc=args.dataset_num_proc)
-    if len(distinct) == 0:
-        raise DataError(f"{source}: all {len(texts)} pairs have chosen identical to rejected, as texts or as the "
-                        f"tokens kept by max_length {args.max_length}: nothing to learn from")
-    if len(distinct_texts) < len(texts):
-        logger.warning("%s: dropped %d of %d pairs whose chosen equals rejected", source,
-                       len(texts) - len(distinct_texts), len(texts))
-    if len(distinct) < len(distinct_texts):
-        logger.warning("%s: dropped %d of %d pairs whose chosen and rejected differ as texts but not as the tokens "
-                       "kept by max_length %d (raise it to keep them)", source, len(distinct_texts) - len(distinct),
-                       len(texts), args.max_length)
-    return distinct
+    added_prefix = [] if fmt == "conversational" else special_prefix_ids(tokenizer)
+    tokenized = texts.map(tokenize_row, num_proc=args.dataset_num_proc,
+                          fn_kwargs=dict(tokenizer=tokenizer, added_prefix=added_prefix, max_length=args.max_length,
+                                         truncation_mode=args.truncation_mode,
+                                         max_prompt_length=args.max_prompt_length),
+                          desc=f"Tokenising {source}")
+    return apply_row_policy(tokenized, source, args.max_length, args.dataset_num_proc)
 
 
 def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
-    raw = load_raw_dataset(args)
-    return DatasetDict({split: prepare_split(dataset, args, tokenizer, split) for split, dataset in raw.items()})
+    """'train' (and 'test', where the source has one or one is held out) as token ids with `row_index`.
+
+    Each source split is prepared on its own, so that messages name the source, split and row; a mixture's parts
+    are then concatenated and shuffled, and a test split held out (test_split_size, or eval_fraction) last."""
+    parts = {"train": [], "test": []}
+    for role, source, raw in raw_parts(args):
+        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source))
+    mixture = mixture_parts(args)
+    data = DatasetDict()
+    for role, prepared in parts.items():
+        if prepared:
+            data[role] = prepared[0] if mixture is None else datasets.concatenate_datasets(prepared).shuffle(
+                seed=mixture[1])
+    holdout = (mixture[2] if mixture else None) or args.eval_fraction
+    if "test" not in data and holdout:
+        seed = mixture[1] if mixture else args.toy_seed
+        data = DatasetDict(data["train"].train_test_split(test_size=holdout, seed=seed))
+    return data
 
 
 # -------------------------------------------------------------------------------------------- collate
