@@ -399,7 +399,7 @@ def windowed_checkpoint(tmp_path_factory, tokenizer):
 
 
 def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen(windowed_checkpoint, tokenizer,
-                                                                               monkeypatch):
+                                                                               monkeypatch, tmp_path):
     args = ModelArguments(model_name_or_path=windowed_checkpoint)
     window = modeling.model_sliding_window(args)
     assert window == 4 and modeling.model_sliding_window(TINY) is None
@@ -416,6 +416,13 @@ def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen
         packed = model_logps(model, PreferenceCollator(tokenizer.pad_token_id, padding_free=True)(rows))[0]
         padded = model_logps(model, PreferenceCollator(tokenizer.pad_token_id)(rows))[0]
     torch.testing.assert_close(packed, padded)
+
+    # a LoRA adapter of it: its base model's window
+    adapter = tmp_path / "adapter"
+    apply_lora(model, ModelArguments(use_peft=True, lora_target_modules=["q_proj"])).save_pretrained(adapter)
+    assert modeling.model_sliding_window(ModelArguments(model_name_or_path=str(adapter))) == window
+    adapted = load_model(ModelArguments(model_name_or_path=str(adapter)), tokenizer, packed=True)
+    assert adapted.config._attn_implementation == model.config._attn_implementation
 
     with pytest.raises(ConfigError, match="--attn_implementation varlen has no sliding window, and this model "
                                           "attends through one of 4 tokens"):

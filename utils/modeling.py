@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           BitsAndBytesConfig, FineGrainedFP8Config, MixtralConfig, PreTrainedTokenizerFast)
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.utils import find_adapter_config_file
 
 from utils import toy_task
 from utils.attention import PACKED_ATTENTION, cuda_varlen_kernel_available
@@ -167,8 +169,12 @@ def model_sliding_window(args: ModelArguments) -> int | None:
     tokenizer, so a trainer can decide its rows before loading anything. The presets have none."""
     if args.is_preset:
         return None
-    config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
-                                        trust_remote_code=args.trust_remote_code)
+    name, revision = args.model_name_or_path, args.model_revision
+    adapter_config = find_adapter_config_file(name, revision=revision)
+    if adapter_config is not None:  # a PEFT adapter, which from_pretrained loads onto its base model
+        with open(adapter_config) as f:
+            name, revision = json.load(f)["base_model_name_or_path"], None
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
     return getattr(config, "sliding_window", None)
 
 
