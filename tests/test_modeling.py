@@ -404,8 +404,14 @@ def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen
     window = modeling.model_sliding_window(args)
     assert window == 4 and modeling.model_sliding_window(TINY) is None
     monkeypatch.setattr(modeling, "cuda_varlen_kernel_available", lambda: True)  # where packing is the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)  # torch's varlen kernel, no flash-attn
     assert modeling.packed_rows_by_default(False, True, None)
     assert not modeling.packed_rows_by_default(False, True, window)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert modeling.packed_rows_by_default(False, True, window)  # flash_attention_2 packs with the window
+    assert resolve_attn_implementation(None, True, window) == "flash_attention_2"
+    monkeypatch.undo()
 
     # with --padding_free all the same, it packs through an attention that has the window
     model = load_model(args, tokenizer, packed=True).eval()

@@ -180,9 +180,14 @@ def model_sliding_window(args: ModelArguments) -> int | None:
 
 def packed_rows_by_default(use_cpu: bool, half_precision: bool, sliding_window: int | None = None) -> bool:
     """Padding-free is the default where packed rows run through a variable-length flash kernel: CUDA, in bf16 or
-    fp16 (flash kernels take no float32), for a model without a sliding window (`model_sliding_window`), which our
-    kernel lacks. Elsewhere packed rows attend through a dense block mask, so padded rows stay the default."""
-    return sliding_window is None and not use_cpu and half_precision and cuda_varlen_kernel_available()
+    fp16 (flash kernels take no float32); for a model with a sliding window (`model_sliding_window`), which ours
+    lacks, only flash-attn's (flash_attention_2). Elsewhere packed rows attend through a dense block mask, so
+    padded rows stay the default."""
+    if use_cpu or not half_precision:
+        return False
+    if sliding_window is None:
+        return cuda_varlen_kernel_available()
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
 def check_left_padding(args: ModelArguments) -> None:
