@@ -23,7 +23,7 @@ from trl.import_utils import TRLExperimentalWarning
 from utils.cli import parse_args, run_script, setup_logging
 from utils.errors import ConfigError
 from utils.data import DataArguments, load_preference_data
-from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
+from utils.modeling import ModelArguments, apply_lora, check_left_padding, load_model, load_tokenizer
 from utils.precision import bf16_field, default_bf16
 from utils.rewards import GroundTruthReward, normalize_reward
 
@@ -113,6 +113,7 @@ def load_reward_model(model_args: ModelArguments, path: str, tokenizer):
 def main(argv: list[str] | None = None):
     model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, PPOArguments), argv)
     setup_logging(training_args)
+    check_left_padding(model_args)  # the policy, reward and value models all see left-padded prompts
     reward_path = training_args.reward_model_path
     if reward_path != GROUND_TRUTH and not os.path.isdir(reward_path):
         raise ConfigError(f"--reward_model_path {reward_path}: no such folder; train one with train_reward.py, or "

@@ -1,16 +1,21 @@
 """utils/modeling.py (presets, toy tokenizer, checkpoints, LoRA, attention) and utils/cli.py (arguments)."""
 
 import copy
+import dataclasses
 import logging
+import re
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
+from transformers import (BitsAndBytesConfig, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          MixtralForSequenceClassification)
 
+import train_dpo
 from utils import modeling, toy_task
-from utils.cli import parse_args
+from utils.cli import parse_args, run_script
 from utils.errors import ConfigError
-from utils.data import DataArguments
+from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.logprobs import model_logps
 from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
                             resolve_attn_implementation)
 
@@ -277,3 +282,154 @@ def test_unknown_flag_is_rejected_with_the_closest_valid_one():
         parse_args((ModelArguments,), ["--no_such_flag", "1"])
     with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
         parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])
+
+
+# ------------------------------------------------------------------------------------------- quantization
+
+def one_error_line(argv, capsys) -> str:
+    """train_dpo.py's stderr for `argv`, which must end the run with one `error:` line and status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(argv))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return error
+
+
+@pytest.fixture
+def cuda_with_bitsandbytes(monkeypatch):
+    """A GPU of compute capability 9.0 with bitsandbytes, as far as the argument checks can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    real_find_spec = modeling.importlib.util.find_spec
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name: object() if name == "bitsandbytes" else real_find_spec(name))
+
+
+@pytest.mark.parametrize("flag", ["--load_in_fp8", "--load_in_4bit"])
+@pytest.mark.parametrize("flags, message", [
+    (["--model_name_or_path", "mixtral-tiny", "--use_peft"], r"needs --use_peft and a checkpoint, not a preset "
+                                                             r"\(got mixtral-tiny\)"),
+    (["--model_name_or_path", "org/model"], r"needs --use_peft and a checkpoint, not a preset "
+                                            r"\(got org/model without --use_peft\)"),
+])
+def test_quantized_loading_without_lora_or_of_a_preset_ends_in_one_line(flag, flags, message, tmp_path, capsys):
+    error = one_error_line([*flags, flag, "--output_dir", str(tmp_path / "out")], capsys)
+    assert re.search(f"{flag} quantizes a checkpoint's frozen weights under LoRA: it {message}", error)
+    assert not (tmp_path / "out").exists()  # refused when the arguments are read, before anything loads
+
+
+@pytest.mark.parametrize("flag, environment, message", [
+    ("--load_in_fp8", {}, "--load_in_fp8 needs a CUDA GPU, and none is visible"),
+    ("--load_in_4bit", {}, "--load_in_4bit needs a CUDA GPU, and none is visible"),
+    ("--load_in_fp8", {"capability": (8, 0)}, r"compute capability >= 8.9 \(H100, L4\), this one's is 8.0"),
+    ("--load_in_4bit", {"cuda": True}, "--load_in_4bit needs bitsandbytes, which is not installed"),
+])
+def test_quantized_loading_where_it_cannot_run_ends_in_one_line(flag, environment, message, monkeypatch, tmp_path,
+                                                                capsys):
+    if environment:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None: environment.get("capability", (9, 0)))
+        monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)  # no bitsandbytes
+    elif torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    error = one_error_line(["--model_name_or_path", "org/model", "--use_peft", flag,
+                            "--output_dir", str(tmp_path / "out")], capsys)
+    assert re.search(message, error)
+
+
+def test_one_quantization_at_a_time(cuda_with_bitsandbytes):
+    with pytest.raises(ConfigError, match="--load_in_4bit and --load_in_fp8 exclude each other"):
+        ModelArguments(model_name_or_path="org/model", use_peft=True, load_in_4bit=True, load_in_fp8=True)
+
+
+def test_4bit_loading_hands_transformers_bitsandbytes_config_and_this_gpu(cuda_with_bitsandbytes, monkeypatch,
+                                                                         tokenizer):
+    args = ModelArguments(model_name_or_path="org/model", use_peft=True, load_in_4bit=True, dtype="float16",
+                          bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True, bnb_4bit_quant_storage="bfloat16")
+    loaded = {}
+
+    def from_pretrained(name, **kwargs):  # stands in for the download and the quantization
+        loaded.update(kwargs, name=name)
+        raise StopIteration
+
+    monkeypatch.setattr(modeling, "model_sliding_window", lambda args: None)  # no config to read for org/model
+    monkeypatch.setattr(modeling.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(StopIteration):
+        load_model(args, tokenizer)
+    quantization = loaded["quantization_config"]
+    assert isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit
+    assert (quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant) == ("fp4", True)
+    assert (quantization.bnb_4bit_compute_dtype, quantization.bnb_4bit_quant_storage) == (torch.float16,
+                                                                                          torch.bfloat16)
+    assert loaded["device_map"] == {"": 0} and loaded["dtype"] == torch.float16
+    assert modeling.quantization_config(dataclasses.replace(args, dtype="auto")).bnb_4bit_compute_dtype \
+        == torch.bfloat16
+
+
+def test_lora_modules_to_save_rslora_and_dora_reach_peft(tokenizer):
+    args = ModelArguments(model_name_or_path="mixtral-tiny", use_peft=True, lora_r=4, lora_alpha=8, use_rslora=True,
+                          lora_modules_to_save=["embed_tokens"])
+    model = apply_lora(load_model(args, tokenizer), args)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(8 / 2)
+    classifier = apply_lora(load_model(args, tokenizer, num_labels=1), args, modules_to_save=["score"])
+    assert {"embed_tokens", "score"} <= {name.split(".modules_to_save")[0].rsplit(".", 1)[-1]
+                                         for name, p in classifier.named_parameters() if p.requires_grad
+                                         and "modules_to_save" in name}
+    dora = dataclasses.replace(args, use_rslora=False, use_dora=True, lora_modules_to_save=None)
+    assert any("lora_magnitude_vector" in name for name, _ in apply_lora(load_model(dora, tokenizer),
+                                                                          dora).named_parameters())
+
+
+# ---------------------------------------------------------------------------------------- sliding window
+
+@pytest.fixture(scope="module")
+def windowed_checkpoint(tmp_path_factory, tokenizer):
+    """A tiny Mistral checkpoint attending through a 4-token sliding window (Mistral-7B-v0.1's is 4096)."""
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("mistral")
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen(windowed_checkpoint, tokenizer,
+                                                                               monkeypatch, tmp_path):
+    args = ModelArguments(model_name_or_path=windowed_checkpoint)
+    window = modeling.model_sliding_window(args)
+    assert window == 4 and modeling.model_sliding_window(TINY) is None
+    monkeypatch.setattr(modeling, "cuda_varlen_kernel_available", lambda: True)  # where packing is the default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)  # torch's varlen kernel, no flash-attn
+    assert modeling.packed_rows_by_default(False, True, None)
+    assert not modeling.packed_rows_by_default(False, True, window)
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert modeling.packed_rows_by_default(False, True, window)  # flash_attention_2 packs with the window
+    assert resolve_attn_implementation(None, True, window) == "flash_attention_2"
+    monkeypatch.undo()
+
+    # with --padding_free all the same, it packs through an attention that has the window
+    model = load_model(args, tokenizer, packed=True).eval()
+    assert model.config._attn_implementation == resolve_attn_implementation(None, False)  # sdpa here
+    rows = list(load_preference_data(DataArguments(toy_num_train_pairs=4, toy_num_eval_pairs=1), tokenizer)["train"])
+    assert min(len(row["prompt_input_ids"]) for row in rows) > window  # the window cuts every sequence
+    with torch.no_grad():
+        packed = model_logps(model, PreferenceCollator(tokenizer.pad_token_id, padding_free=True)(rows))[0]
+        padded = model_logps(model, PreferenceCollator(tokenizer.pad_token_id)(rows))[0]
+    torch.testing.assert_close(packed, padded)
+
+    # a LoRA adapter of it: its base model's window
+    adapter = tmp_path / "adapter"
+    apply_lora(model, ModelArguments(use_peft=True, lora_target_modules=["q_proj"])).save_pretrained(adapter)
+    assert modeling.model_sliding_window(ModelArguments(model_name_or_path=str(adapter))) == window
+    adapted = load_model(ModelArguments(model_name_or_path=str(adapter)), tokenizer, packed=True)
+    assert adapted.config._attn_implementation == model.config._attn_implementation
+
+    with pytest.raises(ConfigError, match="--attn_implementation varlen has no sliding window, and this model "
+                                          "attends through one of 4 tokens"):
+        load_model(dataclasses.replace(args, attn_implementation="varlen"), tokenizer)

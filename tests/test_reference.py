@@ -1,7 +1,10 @@
 import dataclasses
+import hashlib
 import os
 import shutil
+from unittest.mock import ANY
 
+import huggingface_hub
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
@@ -166,3 +169,77 @@ def test_peft_reference_is_the_base_model_with_adapters_disabled(tmp_path):
 
     scored = score(peft_model, dataset, model_args, data_args, tmp_path, tokenizer)
     assert scored["train"]["ref_chosen_logps"] == pytest.approx(base_logps, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------- Hub models' identity
+
+def add_hub_commit(cache, repo_id: str, commit: str, folder) -> None:
+    """Put `folder`'s files into the Hub cache `cache` as commit `commit` of `repo_id`, laid out as huggingface_hub
+    downloads them (blobs named by content, snapshot links to them), and point refs/main at it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (repo / "snapshots" / commit / path.name).symlink_to(os.path.relpath(blob, repo / "snapshots" / commit))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache that huggingface_hub and transformers read (the tests run with HF_HUB_OFFLINE=1)."""
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def saved_tiny_model(folder, tokenizer, seed: int):
+    load_model(ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=seed), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_hub_model_identity_is_the_commit_loaded(hub_cache, tmp_path, checkpoint):
+    _, tokenizer, data_args, dataset = checkpoint
+    repo_id, model_args = "org/tiny", ModelArguments(model_name_or_path="org/tiny")
+
+    def fingerprint():
+        model = load_model(model_args, tokenizer)  # from the cache, as a Hub model loads offline
+        return reference.reference_fingerprint(model_args, model, dataset, data_args, torch.float32)
+
+    add_hub_commit(hub_cache, repo_id, "a" * 40, saved_tiny_model(tmp_path / "v1", tokenizer, seed=0))
+    first = fingerprint()
+    assert fingerprint() == first  # the same commit: a hit
+
+    add_hub_commit(hub_cache, repo_id, "b" * 40, saved_tiny_model(tmp_path / "v2", tokenizer, seed=1))
+    assert fingerprint() != first  # main moved to a commit with other weights: a miss
+    assert reference.model_identity(model_args, None)["commit"] == "b" * 40
+    pinned = ModelArguments(model_name_or_path=repo_id, model_revision="a" * 40)
+    assert reference.model_identity(pinned, None) == {**reference.model_identity(model_args, None),
+                                                      "commit": "a" * 40, "files": ANY}
+
+
+def test_remote_code_is_part_of_the_identity(hub_cache, tmp_path, checkpoint):
+    """With trust_remote_code, the model's .py files decide its outputs as much as its weights do."""
+    folder = saved_tiny_model(tmp_path / "remote", checkpoint[1], seed=0)
+    (folder / "modeling_tiny.py").write_text("SCALE = 1.0\n")
+    add_hub_commit(hub_cache, "org/remote", "c" * 40, folder)
+    for path in (str(folder), "org/remote"):  # a local folder, and a snapshot in the Hub cache
+        remote = ModelArguments(model_name_or_path=path, trust_remote_code=True)
+        before = reference.model_identity(remote, None)
+        code = folder / "modeling_tiny.py" if path == str(folder) \
+            else hub_cache / "models--org--remote" / "snapshots" / ("c" * 40) / "modeling_tiny.py"
+        code.resolve().write_text("SCALE = 2.0\n")
+        assert reference.model_identity(remote, None) != before
+        assert "modeling_tiny.py" not in reference.model_identity(ModelArguments(model_name_or_path=path), None)["files"]
+
+
+def test_hub_model_missing_from_the_cache_is_never_reused(hub_cache, caplog):
+    model_args = ModelArguments(model_name_or_path="org/absent")
+    with caplog.at_level("WARNING", logger="utils.reference"):
+        first = reference.model_identity(model_args, None)
+    assert "not in the Hub cache" in caplog.text
+    assert reference.model_identity(model_args, None) != first

@@ -194,6 +194,9 @@ def test_fit_rollout_batch(per_device, accumulation, mini_batches, processes, pr
     (["--whiten_rewards", "true", "--toy_num_train_pairs", "6"], "--whiten_rewards needs at least 8 episodes"),
     (["--reward_model_path", "no/such/reward"], "--reward_model_path no/such/reward: no such folder"),
     (["--model_name_or_path", "missing/sft"], "missing/sft: no tokenizer there: not a preset"),
+    (["--attn_implementation", "varlen", "--total_episodes", "8", "--per_device_train_batch_size", "4",
+      "--gradient_accumulation_steps", "1", "--response_length", "4"],
+     "varlen ignores padding masks, and this script's batches are left-padded"),
 ])
 def test_ppo_runs_that_cannot_work_end_with_one_line_and_status_2(flags, message, tmp_path, capsys):
     argv = ["--model_name_or_path", "mixtral-tiny", "--reward_model_path", "ground_truth",
@@ -331,3 +334,28 @@ def test_bf16_default_rule(cuda, bf16_supported, use_cpu, fp16, expected, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
     assert precision.default_bf16(SimpleNamespace(bf16=None, use_cpu=use_cpu, fp16=fp16)) is expected
+
+
+def test_varlen_reads_right_padded_reward_batches_exactly_and_left_padded_ones_wrongly(tokenizer):
+    """Why train_ppo.py refuses --attn_implementation varlen and train_reward.py keeps it: transformers gives varlen no
+    attention mask, so it reads padded rows as right-padded. TRL's reward batches are (scores match sdpa's); PPO's
+    prompts are left-padded (real tokens would attend to the padding before them)."""
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    pairs = [{"chosen_ids": tokenizer("i loved it.")["input_ids"],
+              "rejected_ids": tokenizer("the plot was dull and the acting was weak.")["input_ids"]}]
+    right_padded = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(pairs)
+    lengths = right_padded["attention_mask"].sum(1)
+    assert lengths[0] < lengths[1]
+    left_padded = {key: torch.stack([row.roll(int(row.numel() - length)) for row, length in zip(value, lengths)])
+                   for key, value in right_padded.items()}
+    scores = {}
+    for attn in ("sdpa", "varlen"):
+        model = load_model(ModelArguments(model_name_or_path="mixtral-tiny", attn_implementation=attn), tokenizer,
+                           num_labels=1).eval()
+        with torch.no_grad():
+            scores[attn] = {side: model(**batch).logits[:, 0] for side, batch in
+                            (("right", right_padded), ("left", left_padded))}
+    torch.testing.assert_close(scores["sdpa"]["left"], scores["sdpa"]["right"])  # sdpa masks either padding
+    torch.testing.assert_close(scores["varlen"]["right"], scores["sdpa"]["right"])
+    assert (scores["varlen"]["left"][0] - scores["sdpa"]["left"][0]).abs() > 1e-3  # the padded (shorter) row

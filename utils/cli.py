@@ -1,5 +1,6 @@
 """Arguments: `python script.py [config.yaml] [--flag value ...]`, flags overriding the YAML file."""
 
+import argparse
 import difflib
 import logging
 import sys
@@ -12,22 +13,106 @@ from transformers import HfArgumentParser
 from utils.errors import ConfigError, DataError, NonFiniteError
 
 
+def warmup_ratio_as_steps(value) -> float:
+    """transformers 5 dropped warmup_ratio: a warmup_steps below 1 is the fraction of the run, 1 or more a count."""
+    ratio = float(value)
+    if not 0 <= ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1) (it becomes warmup_steps, where 1 or more is a count of "
+                          f"steps), got {value}")
+    return ratio
+
+
+# Public recipes' names for our options (alignment-handbook's, TRL's before its 1.x renames, transformers 4's):
+# {recipe name: (our name, its value in our terms)}. Either name works in a YAML file and as a flag.
+ALIASES = {
+    "torch_dtype": ("dtype", lambda value: "auto" if value is None else value),  # null: transformers 5's default
+    "warmup_ratio": ("warmup_steps", warmup_ratio_as_steps),
+    "evaluation_strategy": ("eval_strategy", None),
+    "preprocessing_num_workers": ("dataset_num_proc", None),
+}
+# Options of TRL's DPOConfig/ModelConfig and of transformers 4 that recipes use and no script here implements:
+# refused with the reason, never ignored.
+UNSUPPORTED = {
+    "load_in_8bit": "8-bit bitsandbytes loading is not wired in; use load_in_4bit (QLoRA) or load_in_fp8",
+    "lora_target_parameters": "LoRA on raw parameters (fused MoE experts) is not supported; use lora_target_modules",
+    "lora_task_type": "each script sets it (CAUSAL_LM; SEQ_CLS for train_reward.py)",
+    "model_init_kwargs": "give the loading options as their own keys (dtype, attn_implementation, model_revision, "
+                         "trust_remote_code, load_in_4bit)",
+    **dict.fromkeys(("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"),
+                    "the reference is the initial policy: TR-DPO's reference updates are not implemented"),
+    "use_weighting": "WPO's per-pair weights are not implemented",
+    "activation_offloading": "not implemented; activation_checkpointing is",
+    "overwrite_output_dir": "removed in transformers 5; a run resumes only with resume_from_checkpoint",
+}
+
+
+def bare_name(arg: str) -> str:
+    """`--some-flag=1` -> `some_flag`."""
+    return arg.split("=")[0].lstrip("-").replace("-", "_")
+
+
+def add_alias_flags(parser: HfArgumentParser) -> dict:
+    """Add --<alias> flags writing to their options (where this parser has the option and not the alias itself);
+    returns {alias: (option, convert)} for those."""
+    actions = {action.dest: action for action in parser._actions}
+    aliases = {alias: (dest, convert) for alias, (dest, convert) in ALIASES.items()
+               if dest in actions and alias not in actions}
+    for alias, (dest, convert) in aliases.items():
+        target = actions[dest]
+        parser.add_argument(f"--{alias}", dest=dest, default=argparse.SUPPRESS, type=convert or target.type,
+                            choices=target.choices, nargs=target.nargs, const=target.const,
+                            metavar=None if target.choices else alias.upper(),
+                            help=f"Recipes' name for --{dest}.")
+    return aliases
+
+
+def resolve_aliases(config: dict, aliases: dict, config_path: str) -> dict:
+    """`config` with recipe names replaced by ours and their values converted; both names with different values
+    are an error."""
+    config = dict(config)
+    for alias, (dest, convert) in aliases.items():
+        if alias not in config:
+            continue
+        value = config.pop(alias)
+        try:
+            value = convert(value) if convert else value
+        except ConfigError as error:
+            raise ConfigError(f"{config_path}: {error}") from None
+        if dest in config and config[dest] != value:
+            raise ConfigError(f"{config_path}: {alias}: {value!r} and {dest}: {config[dest]!r} disagree (one is the "
+                              f"other's recipe name): give one")
+        config[dest] = value
+    return config
+
+
+def unknown_names_error(names: list[str], known: set[str], kind: str, where: str = "") -> ConfigError:
+    """The error for names no dataclass defines: the reason for each we knowingly do not support, the closest valid
+    names for the others."""
+    unsupported = [name for name in names if bare_name(name) in UNSUPPORTED]
+    others = [name for name in names if name not in unsupported]
+    parts = [f"{bare_name(name)} is not supported here: {UNSUPPORTED[bare_name(name)]}" for name in unsupported]
+    if others:
+        parts.append(f"unknown {kind}(s) {others}{did_you_mean(others, known)}; see --help for the valid ones")
+    return ConfigError(where + "; ".join(parts))
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None):
     """Parse dataclasses from an optional leading YAML file plus flags.
 
     HfArgumentParser reads a YAML file or flags, not both; we load the file as parser defaults so that
-    flags win, and reject keys that no dataclass defines instead of ignoring a typo.
+    flags win, and reject keys that no dataclass defines instead of ignoring a typo. Recipes' names for our
+    options (ALIASES) are read as ours; options we do not implement (UNSUPPORTED) are refused by name.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    aliases = add_alias_flags(parser)
     if argv and argv[0].endswith((".yaml", ".yml")):
         config_path = argv.pop(0)
-        config = read_config(config_path)
+        config = resolve_aliases(read_config(config_path), aliases, config_path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(config) - known)
         if unknown:
-            raise ConfigError(f"{config_path}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; "
-                              "see --help for the valid ones")
+            raise unknown_names_error(unknown, known, "key", f"{config_path}: ")
         for action in parser._actions:  # argparse checks choices on flags only, not on defaults
             if action.choices is None or action.dest not in config:
                 continue
@@ -37,6 +122,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
                     raise ConfigError(f"{config_path}: {action.dest}: invalid choice {value!r} "
                                       f"(choose from {list(action.choices)})")
         parser.set_defaults(**config)
+    given = {bare_name(arg) for arg in argv if arg.startswith("--")}
+    for alias, (dest, _) in aliases.items():
+        if {alias, dest} <= given:
+            raise ConfigError(f"--{alias} and --{dest} both given (one is the other's recipe name): give one")
     try:
         *parsed, unknown_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # a dataclass's own check, e.g. TrainingArguments' "At most one of fp16 and bf16"
@@ -44,7 +133,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     if unknown_flags:
         flags = [arg for arg in unknown_flags if arg.startswith("-")] or unknown_flags
         known = {option for action in parser._actions for option in action.option_strings}
-        raise ConfigError(f"unknown argument(s) {flags}{did_you_mean(flags, known)}; see --help for the valid ones")
+        raise unknown_names_error(flags, known, "argument")
     return tuple(parsed)
 
 
@@ -87,12 +176,14 @@ def run_script(main) -> None:
 
 
 def setup_logging(training_args) -> None:
-    # Our own progress at INFO on the main process; the libraries' INFO (config dumps) stays quiet.
+    # Our own progress at INFO on the main process; the libraries' at --log_level (default: warnings only).
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=level, force=True)
-    transformers.utils.logging.set_verbosity(max(training_args.get_process_log_level(), logging.WARNING))
-    datasets.utils.logging.set_verbosity(logging.WARNING)
+    chosen = training_args.log_level if training_args.should_log else training_args.log_level_replica
+    library_level = logging.WARNING if chosen == "passive" else training_args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(library_level)
+    datasets.utils.logging.set_verbosity(library_level)
 
 
 def report_metrics(trainer, train_result, evaluate: bool) -> dict | None:

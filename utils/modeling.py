@@ -7,14 +7,16 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, MixtralConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BitsAndBytesConfig, FineGrainedFP8Config, MixtralConfig, PreTrainedTokenizerFast)
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.utils import find_adapter_config_file
 
 from utils import toy_task
 from utils.attention import PACKED_ATTENTION, cuda_varlen_kernel_available
@@ -65,22 +67,42 @@ class ModelArguments:
     dtype: str = field(
         default="auto",
         metadata={"help": "Weights' dtype: auto (float32 for presets, the checkpoint's own otherwise), float32, "
-                          "bfloat16 or float16.", "choices": ["auto", "float32", "bfloat16", "float16"]})
+                          "bfloat16 or float16 (recipes' torch_dtype is read as this).",
+                  "choices": ["auto", "float32", "bfloat16", "float16"]})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "eager, sdpa or flash_attention_2; default: flash_attention_2 where flash_attn imports "
-                          "and CUDA is present, else sdpa."})
+        metadata={"help": "eager, sdpa, flash_attention_2 or varlen; default: varlen for packed rows (not for a "
+                          "sliding-window model), else flash_attention_2 where flash_attn imports and CUDA is present, "
+                          "else sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a checkpoint."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     load_in_fp8: bool = field(
         default=False, metadata={"help": "LoRA over a frozen base quantized to FP8 while loading (transformers' "
                                          "FineGrainedFP8, 128x128 blocks, fused MoE experts included: half the bf16 "
                                          "memory); needs --use_peft and a GPU of compute capability >= 8.9 (H100)."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: LoRA over a frozen base quantized to 4 bits by bitsandbytes while "
+                                         "loading; needs --use_peft, CUDA and bitsandbytes. Only nn.Linear layers are "
+                                         "quantized: a MoE's fused experts stay in --dtype."})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type of --load_in_4bit.", "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "--load_in_4bit: quantize the quantization constants too (double quant)."})
+    bnb_4bit_quant_storage: str | None = field(
+        default=None, metadata={"help": "--load_in_4bit: dtype the packed 4-bit weights are stored in (FSDP needs "
+                                        "the other weights' dtype); default uint8."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": f"Modules that get adapters; default for Mixtral: {LORA_TARGETS_MIXTRAL}."})
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full beside the adapters (e.g. embed_tokens lm_head)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale = alpha / sqrt(r)."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
+
+    def __post_init__(self):
+        check_quantization(self)
 
     @property
     def is_preset(self) -> bool:
@@ -126,23 +148,55 @@ def load_tokenizer(args: ModelArguments, pad_apart_from_eos: bool = False):
     return tokenizer
 
 
-def resolve_attn_implementation(requested: str | None, packed: bool = False) -> str:
+def resolve_attn_implementation(requested: str | None, packed: bool = False, sliding_window: int | None = None) -> str:
     """The attention implementation: the requested one, else `varlen` for packed (padding-free) rows, else
-    flash_attention_2 where flash_attn imports and CUDA is present, else sdpa."""
+    flash_attention_2 where flash_attn imports and CUDA is present, else sdpa. `varlen` has no sliding window: a
+    model with one (`sliding_window`, e.g. Mistral-7B-v0.1's 4096) packs through the others, which build it in."""
+    if requested == PACKED_ATTENTION and sliding_window is not None:
+        raise ConfigError(f"--attn_implementation {PACKED_ATTENTION} has no sliding window, and this model attends "
+                          f"through one of {sliding_window} tokens: use sdpa or flash_attention_2")
     if requested:
         return requested
-    if packed:
+    if packed and sliding_window is None:
         return PACKED_ATTENTION
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
 
-def packed_rows_by_default(use_cpu: bool, half_precision: bool) -> bool:
+def model_sliding_window(args: ModelArguments) -> int | None:
+    """The model's attention window (None: full causal attention), read from its config alone: no weights, no
+    tokenizer, so a trainer can decide its rows before loading anything. The presets have none."""
+    if args.is_preset:
+        return None
+    name, revision = args.model_name_or_path, args.model_revision
+    adapter_config = find_adapter_config_file(name, revision=revision)
+    if adapter_config is not None:  # a PEFT adapter, which from_pretrained loads onto its base model
+        with open(adapter_config) as f:
+            name, revision = json.load(f)["base_model_name_or_path"], None
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
+    return getattr(config, "sliding_window", None)
+
+
+def packed_rows_by_default(use_cpu: bool, half_precision: bool, sliding_window: int | None = None) -> bool:
     """Padding-free is the default where packed rows run through a variable-length flash kernel: CUDA, in bf16 or
-    fp16 (flash kernels take no float32). Elsewhere packed rows attend through a dense block mask, so padded rows
-    stay the default."""
-    return not use_cpu and half_precision and cuda_varlen_kernel_available()
+    fp16 (flash kernels take no float32); for a model with a sliding window (`model_sliding_window`), which ours
+    lacks, only flash-attn's (flash_attention_2). Elsewhere packed rows attend through a dense block mask, so
+    padded rows stay the default."""
+    if use_cpu or not half_precision:
+        return False
+    if sliding_window is None:
+        return cuda_varlen_kernel_available()
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def check_left_padding(args: ModelArguments) -> None:
+    """Refuse the packed implementation for a script whose batches are left-padded (TRL's PPO: prompts end at one
+    column). `varlen` gets no attention mask from transformers and reads padded rows as right-padded, so real tokens
+    would attend to the padding before them."""
+    if args.attn_implementation == PACKED_ATTENTION:
+        raise ConfigError(f"--attn_implementation {PACKED_ATTENTION} ignores padding masks, and this script's batches "
+                          "are left-padded: use sdpa, eager or flash_attention_2")
 
 
 @contextlib.contextmanager
@@ -196,14 +250,46 @@ AUTOCAST_GROUPED_MM = "autocast_grouped_mm"
 ALL_EXPERTS_FUNCTIONS.register(AUTOCAST_GROUPED_MM, autocast_grouped_mm_experts_forward)
 
 
+def check_quantization(args: ModelArguments) -> None:
+    """Quantized loading that cannot work, refused when the arguments are made: before anything loads."""
+    flags = [flag for flag in ("load_in_4bit", "load_in_fp8") if getattr(args, flag)]
+    if not flags:
+        return
+    if len(flags) > 1:
+        raise ConfigError("--load_in_4bit and --load_in_fp8 exclude each other: pick one quantization of the base")
+    flag = flags[0]
+    if args.is_preset or not args.use_peft:
+        raise ConfigError(f"--{flag} quantizes a checkpoint's frozen weights under LoRA: it needs --use_peft and a "
+                          f"checkpoint, not a preset (got {args.model_name_or_path}"
+                          f"{'' if args.use_peft else ' without --use_peft'})")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--{flag} needs a CUDA GPU, and none is visible")
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--load_in_4bit needs bitsandbytes, which is not installed (pip install bitsandbytes)")
+    if args.load_in_fp8 and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        raise ConfigError(f"--load_in_fp8 needs a GPU of compute capability >= 8.9 (H100, L4), this one's is "
+                          f"{major}.{minor} (transformers would silently keep the weights in bf16): use --load_in_4bit")
+
+
+def quantization_config(args: ModelArguments):
+    """How transformers quantizes the frozen base while loading (--load_in_fp8, --load_in_4bit), or None."""
+    if args.load_in_fp8:  # 1 byte per weight (+ a scale per 128x128 block), bf16 compute, fused MoE experts included
+        return FineGrainedFP8Config()
+    if args.load_in_4bit:  # bitsandbytes replaces nn.Linear layers only: fused MoE experts keep --dtype
+        compute_dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+                                  bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=args.bnb_4bit_quant_storage)
+    return None
+
+
 def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, packed: bool = False):
     """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint;
     `packed`: it will see padding-free rows (see resolve_attn_implementation)."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
-    if args.load_in_fp8 and (args.is_preset or not args.use_peft):
-        raise ValueError("--load_in_fp8 quantizes a checkpoint's frozen weights under LoRA: it needs --use_peft and "
-                         "a checkpoint, not a preset")
-    attn = resolve_attn_implementation(args.attn_implementation, packed)
+    attn = resolve_attn_implementation(args.attn_implementation, packed, model_sliding_window(args))
     dtype = resolve_dtype(args)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     if args.is_preset:
@@ -213,13 +299,11 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
         torch.manual_seed(args.model_init_seed)
         model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
-        if args.load_in_fp8:  # 1 byte per weight (+ a scale per 128x128 block), bf16 compute; one GPU per process
+        quantization = quantization_config(args)
+        if quantization is not None:  # quantized while loading, onto this process's GPU
             from accelerate import PartialState
-            from transformers import FineGrainedFP8Config
 
-            # bitsandbytes' 4-bit would replace only nn.Linear layers and leave the fused experts in bf16
-            extra.update(device_map={"": PartialState().local_process_index},
-                         quantization_config=FineGrainedFP8Config())
+            extra.update(device_map={"": PartialState().local_process_index}, quantization_config=quantization)
         model = auto_class.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=dtype,
                                            attn_implementation=attn, trust_remote_code=args.trust_remote_code,
                                            **extra)
@@ -228,7 +312,7 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    # transformers' default for MoE; quantized experts (FP8) dispatch through their own implementations
+    # transformers' default for MoE; quantized models (FP8 experts) dispatch through their own implementations
     if getattr(model.config, "_experts_implementation", None) == "grouped_mm" \
             and getattr(model, "hf_quantizer", None) is None:
         model.set_experts_implementation(AUTOCAST_GROUPED_MM)
@@ -238,11 +322,14 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
 
 
 def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = None):
+    """LoRA adapters on `args.lora_target_modules`; `modules_to_save` (a classifier's new head) train in full, with
+    --lora_modules_to_save."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=args.lora_target_modules or LORA_TARGETS_MIXTRAL,
-                        modules_to_save=modules_to_save,
+                        modules_to_save=[*(args.lora_modules_to_save or []), *(modules_to_save or [])] or None,
+                        use_rslora=args.use_rslora, use_dora=args.use_dora,
                         task_type="CAUSAL_LM" if modules_to_save is None else "SEQ_CLS")
     model = get_peft_model(model, config)
     trainable, total = model.get_nb_trainable_parameters()

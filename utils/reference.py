@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from huggingface_hub import constants as hub_constants, try_to_load_from_cache
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -107,25 +108,46 @@ def file_content_sample(path: str) -> str:
     return digest.hexdigest()
 
 
+def folder_files(path: str, suffixes: tuple[str, ...]) -> dict:
+    """{name: (size, mtime, content sample)} of the files in `path` ending in `suffixes`; a Hub snapshot's links
+    are followed to the files (blobs) they point to."""
+    files = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(suffixes):
+            file_path = os.path.join(path, name)
+            stat = os.stat(file_path)
+            files[name] = (stat.st_size, stat.st_mtime_ns, file_content_sample(file_path))
+    return files
+
+
+def hub_snapshot(repo_id: str, revision: str) -> str | None:
+    """The local Hub cache's folder of the commit `revision` points to: what from_pretrained has just loaded (it
+    records a branch's commit under refs/ as it downloads). None where the model is not in the cache."""
+    config_path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return os.path.dirname(config_path) if isinstance(config_path, str) else None
+
+
 def model_identity(model_args, model) -> dict:
-    """What makes the reference's weights what they are, cheaply: never a hash of the weights themselves."""
+    """What makes the reference's weights what they are, cheaply: never a hash of the weights themselves. A Hub
+    model is the commit loaded (transformers 5 no longer names it in the config) and its snapshot's files; with
+    trust_remote_code, the model's code (.py) too."""
     if model_args.is_preset:  # built from a config: the config and the seed fix the weights
         identity = {"preset": model_args.model_name_or_path, "seed": model_args.model_init_seed,
                     "config": model.config.to_json_string(use_diff=False)}
         if is_deepspeed_zero3_enabled():  # built partitioned (deepspeed.zero.Init): other random draws
             identity["zero3_init"] = True
         return identity
+    suffixes = WEIGHT_FILE_SUFFIXES + ((".py",) if model_args.trust_remote_code else ())
     path = model_args.model_name_or_path
     if os.path.isdir(path):  # a local checkpoint (or adapter) folder: its files' names, sizes, times and samples
-        files = {}
-        for name in sorted(os.listdir(path)):
-            if name.endswith(WEIGHT_FILE_SUFFIXES):
-                file_path = os.path.join(path, name)
-                stat = os.stat(file_path)
-                files[name] = (stat.st_size, stat.st_mtime_ns, file_content_sample(file_path))
-        return {"folder": os.path.abspath(path), "files": files}
-    commit = getattr(model.config, "_commit_hash", None)
-    return {"hub": path, "revision": commit or model_args.model_revision}
+        return {"folder": os.path.abspath(path), "files": folder_files(path, suffixes)}
+    snapshot = hub_snapshot(path, model_args.model_revision)
+    if snapshot is None:
+        logger.warning("%s (revision %s) is not in the Hub cache %s: its commit is unknown, so these reference "
+                       "log-probs are scored afresh and never reused", path, model_args.model_revision,
+                       hub_constants.HF_HUB_CACHE)
+        return {"hub": path, "unresolved": os.urandom(16).hex()}
+    return {"hub": path, "commit": os.path.basename(snapshot), "files": folder_files(snapshot, suffixes)}
 
 
 def quantization_identity(model) -> dict | None:

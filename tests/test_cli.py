@@ -1,0 +1,245 @@
+"""utils/cli.py: public recipes (alignment-handbook, TRL) parse with their meaning; what we do not implement is an
+error naming it; flags win over the file; --log_level reaches the libraries."""
+
+import logging
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import transformers
+import yaml
+
+import train_dpo
+from train_dpo import DPOArguments
+from utils import modeling
+from utils.cli import parse_args, setup_logging
+from utils.data import DataArguments
+from utils.errors import ConfigError
+from utils.modeling import ModelArguments
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+# utils/data.py's keys (the data branch): not parsed here
+DATA_KEYS = {"dataset_mixture", "dataset_mixer", "dataset_splits", "max_prompt_length"}
+# huggingface/alignment-handbook recipes/zephyr-7b-beta/dpo/config_qlora.yaml (commit 95dc472) without its data keys;
+# evaluation_strategy is the name in its earlier version (commit 4231254)
+ZEPHYR_QLORA = """
+model_name_or_path: alignment-handbook/zephyr-7b-sft-qlora
+torch_dtype: bfloat16
+attn_implementation: flash_attention_2
+use_peft: true
+load_in_4bit: true
+lora_r: 128
+lora_alpha: 128
+lora_dropout: 0.05
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+preprocessing_num_workers: 12
+bf16: true
+beta: 0.01
+do_eval: true
+evaluation_strategy: steps
+eval_steps: 100
+gradient_accumulation_steps: 4
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+hub_model_id: zephyr-7b-dpo-qlora
+learning_rate: 5.0e-6
+log_level: info
+logging_steps: 10
+lr_scheduler_type: cosine
+max_length: 1024
+num_train_epochs: 1
+optim: paged_adamw_32bit
+output_dir: data/zephyr-7b-dpo-qlora
+per_device_train_batch_size: 4
+per_device_eval_batch_size: 8
+push_to_hub: true
+save_strategy: "steps"
+save_steps: 100
+save_total_limit: 1
+seed: 42
+warmup_ratio: 0.1
+"""
+# what each recipe name becomes here, by recipe: {recipe key: (our attribute, value)}
+RENAMED = {"torch_dtype": "dtype", "warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy",
+           "preprocessing_num_workers": "dataset_num_proc", "gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def write_yaml(tmp_path, config: dict | str, name="config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return str(path)
+
+
+def without_data_keys(path: Path) -> dict:
+    return {key: value for key, value in yaml.safe_load(path.read_text()).items() if key not in DATA_KEYS}
+
+
+def parse_dpo(argv):
+    return parse_args((ModelArguments, DataArguments, DPOArguments), argv)
+
+
+def attribute(parsed, name):
+    (value,) = [getattr(args, name) for args in parsed if hasattr(args, name)]
+    return value
+
+
+def assert_recipe_parses_to_its_values(parsed, recipe: dict, expected_renamed: dict):
+    """Every key lands on the attribute of its name with its value, except the renamed ones, which land on ours
+    with `expected_renamed`'s values."""
+    for key, value in recipe.items():
+        if key in expected_renamed:
+            assert attribute(parsed, RENAMED[key]) == expected_renamed[key], key
+        else:  # enums (eval_strategy, optim, ...) compare equal to their strings
+            assert attribute(parsed, key) == value, key
+
+
+@pytest.fixture
+def cuda_with_bitsandbytes(monkeypatch):
+    """Where --load_in_4bit can run, as far as the argument checks can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = modeling.importlib.util.find_spec
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name: object() if name == "bitsandbytes" else real_find_spec(name))
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+def test_handbook_full_recipe_parses_every_non_data_key(tmp_path):
+    recipe = without_data_keys(RECIPES / "zephyr_7b_beta_dpo_full.yaml")
+    parsed = parse_dpo([write_yaml(tmp_path, recipe), "--use_cpu", "true"])  # its bf16: true needs a GPU or this
+    assert_recipe_parses_to_its_values(parsed, recipe, {
+        "torch_dtype": "auto",  # null: transformers 5's from_pretrained default, the checkpoint's own dtype
+        "warmup_ratio": 0.1,  # a warmup_steps below 1 is a fraction of the run
+        "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    model_args, _, args = parsed
+    assert model_args.model_name_or_path == "mixtral-tiny"
+    assert (args.push_to_hub, args.hub_model_id, args.log_level) == (True, "zephyr-7b-dpo-full", "info")
+
+
+def test_handbook_qlora_recipe_parses_every_non_data_key(tmp_path, cuda_with_bitsandbytes):
+    recipe = yaml.safe_load(ZEPHYR_QLORA)
+    parsed = parse_dpo([write_yaml(tmp_path, recipe), "--use_cpu", "true"])
+    assert_recipe_parses_to_its_values(parsed, recipe, {
+        "torch_dtype": "bfloat16", "warmup_ratio": 0.1, "evaluation_strategy": "steps",
+        "preprocessing_num_workers": 12, "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False}})
+    model_args = parsed[0]
+    quantization = modeling.quantization_config(model_args)
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+    assert quantization.bnb_4bit_compute_dtype == torch.bfloat16 and not quantization.bnb_4bit_use_double_quant
+
+
+def test_trl_dpo_config_yaml_parses_every_key(tmp_path):
+    recipe = yaml.safe_load((RECIPES / "trl_dpo_lora.yaml").read_text())
+    parsed = parse_dpo([str(RECIPES / "trl_dpo_lora.yaml")])
+    assert_recipe_parses_to_its_values(parsed, recipe, {})
+    assert set(recipe) & DATA_KEYS == set()
+
+
+@pytest.mark.parametrize("recipe, peft", [("zephyr_7b_beta_dpo_full.yaml", False), ("trl_dpo_lora.yaml", True)])
+def test_recipe_trains_here_with_warmup_as_a_ratio(recipe, peft, tmp_path):
+    """The recipe as is, the data keys and the run's size aside: 20 steps, of which the handbook's warmup_ratio 0.1
+    warms up 2; no push to the Hub."""
+    config = write_yaml(tmp_path, without_data_keys(RECIPES / recipe))
+    trainer = train_dpo.main([config, "--dataset_name", "toy-sentiment", "--toy_num_train_pairs", "48",
+                              "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "20",
+                              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                              "--output_dir", str(tmp_path / "out"), "--ref_logps_cache_dir", str(tmp_path / "cache"),
+                              "--push_to_hub", "false", "--use_cpu", "true", "--bf16", "false",
+                              "--dataset_num_proc", "1",  # not the recipe's 12 processes on this CPU
+                              "--report_to", "none", "--disable_tqdm", "true"])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert (tmp_path / "out" / ("adapter_config.json" if peft else "config.json")).exists()
+    warmup = 2 if "warmup_ratio" in without_data_keys(RECIPES / recipe) else 0
+    factors = [trainer.lr_scheduler.lr_lambdas[0](step) for step in range(warmup + 1)]
+    assert factors == [step / warmup for step in range(warmup)] + [1.0]  # linear up to the peak at step `warmup`
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    assert unwrapped.is_gradient_checkpointing == bool(trainer.args.activation_checkpointing)
+
+
+# ---------------------------------------------------------------------------------------------- aliases
+
+@pytest.mark.parametrize("ratio, total, warmup", [(0.1, 40, 4), (0.05, 30, 2), (0.0, 40, 0)])
+def test_warmup_ratio_gives_the_scheduler_that_many_warmup_steps(ratio, total, warmup, tmp_path):
+    for argv in ([write_yaml(tmp_path, {"warmup_ratio": ratio})], ["--warmup_ratio", str(ratio)]):
+        (args,) = parse_args((DPOArguments,), argv + ["--output_dir", str(tmp_path)])
+        assert args.warmup_steps == ratio and args.get_warmup_steps(total) == warmup == math.ceil(ratio * total)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_warmup_ratio_outside_0_1_is_refused(ratio, tmp_path):
+    """A ratio of 1 would become warmup_steps 1: one step, not the whole run."""
+    config = write_yaml(tmp_path, {"warmup_ratio": ratio})
+    with pytest.raises(ConfigError, match=rf"{config}: warmup_ratio must be in \[0, 1\).*got {ratio}"):
+        parse_args((DPOArguments,), [config])
+    with pytest.raises(ConfigError, match=r"warmup_ratio must be in \[0, 1\)"):
+        parse_args((DPOArguments,), ["--warmup_ratio", str(ratio)])
+
+
+def test_torch_dtype_is_dtype(tmp_path):
+    assert parse_args((ModelArguments,), [write_yaml(tmp_path, {"torch_dtype": "bfloat16"})])[0].dtype == "bfloat16"
+    assert parse_args((ModelArguments,), ["--torch_dtype", "float16"])[0].dtype == "float16"
+    same = write_yaml(tmp_path, {"torch_dtype": "bfloat16", "dtype": "bfloat16"})
+    assert parse_args((ModelArguments,), [same])[0].dtype == "bfloat16"
+    # flags win over the file, whichever name either uses
+    assert parse_args((ModelArguments,), [same, "--torch_dtype", "float32"])[0].dtype == "float32"
+    with pytest.raises(ConfigError, match=r"invalid choice 'float8'"):
+        parse_args((ModelArguments,), [write_yaml(tmp_path, {"torch_dtype": "float8"})])
+
+
+def test_both_names_with_different_values_are_an_error(tmp_path):
+    config = write_yaml(tmp_path, {"torch_dtype": "bfloat16", "dtype": "float32"})
+    with pytest.raises(ConfigError, match=r"torch_dtype: 'bfloat16' and dtype: 'float32' disagree"):
+        parse_args((ModelArguments,), [config])
+    with pytest.raises(ConfigError, match=r"warmup_ratio: 0.1 and warmup_steps: 5 disagree"):
+        parse_args((DPOArguments,), [write_yaml(tmp_path, {"warmup_ratio": 0.1, "warmup_steps": 5})])
+    with pytest.raises(ConfigError, match=r"--torch_dtype and --dtype both given"):
+        parse_args((ModelArguments,), ["--torch_dtype", "float16", "--dtype", "float16"])
+
+
+def test_an_alias_exists_only_where_its_option_does(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--preprocessing_num_workers'\]"):
+        parse_args((ModelArguments,), ["--preprocessing_num_workers", "4"])
+    (data_args,) = parse_args((DataArguments,), ["--preprocessing_num_workers", "4"])
+    assert data_args.dataset_num_proc == 4
+
+
+# ------------------------------------------------------------------------------------------ unsupported
+
+@pytest.mark.parametrize("key, reason", [("load_in_8bit", "use load_in_4bit"), ("sync_ref_model", "TR-DPO"),
+                                         ("lora_target_parameters", "use lora_target_modules"),
+                                         ("overwrite_output_dir", "removed in transformers 5")])
+def test_options_we_do_not_implement_are_refused_by_name(key, reason, tmp_path):
+    config = write_yaml(tmp_path, {"beta": 0.1, key: True})
+    with pytest.raises(ConfigError, match=rf"{config}: {key} is not supported here: .*{reason}"):
+        parse_dpo([config])
+    with pytest.raises(ConfigError, match=rf"^{key} is not supported here: .*{reason}"):
+        parse_dpo([f"--{key}", "true"])
+
+
+def test_unsupported_and_unknown_keys_are_named_together(tmp_path):
+    config = write_yaml(tmp_path, {"load_in_8bit": True, "learning_rat": 0.1})
+    with pytest.raises(ConfigError, match=r"load_in_8bit is not supported here: .*; unknown key\(s\) "
+                                          r"\['learning_rat'\] \(did you mean learning_rate\?\)"):
+        parse_dpo([config])
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+def test_log_level_reaches_the_libraries(tmp_path):
+    before = transformers.utils.logging.get_verbosity(), datasets.utils.logging.get_verbosity()
+    try:
+        for flags, level in ((["--log_level", "info"], logging.INFO), ([], logging.WARNING),
+                             (["--log_level", "error"], logging.ERROR)):
+            (args,) = parse_args((DPOArguments,), ["--output_dir", str(tmp_path), *flags])
+            setup_logging(args)
+            assert transformers.utils.logging.get_verbosity() == level
+            assert datasets.utils.logging.get_verbosity() == level
+    finally:
+        transformers.utils.logging.set_verbosity(before[0])
+        datasets.utils.logging.set_verbosity(before[1])
