@@ -2,6 +2,7 @@
 
     python make_toy_pairs.py --output_file pairs.jsonl --num_pairs 2000                       # generator
     python make_toy_pairs.py --output_file pairs.jsonl --model_name_or_path outputs/sft       # policy samples
+    python make_toy_pairs.py --output_file chat/train.jsonl --conversational true              # UltraFeedback layout
 
 The file then feeds any script through --dataset_name pairs.jsonl.
 """
@@ -34,6 +35,16 @@ class PairArguments:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
+    conversational: bool = field(
+        default=False, metadata={"help": "Write UltraFeedback's layout: a prompt string and chosen/rejected message "
+                                         "lists (the user's prompt, then the assistant's answer)."})
+
+
+def as_conversation(pair: dict) -> dict:
+    """A prompt/chosen/rejected pair in UltraFeedback's layout."""
+    user = {"role": "user", "content": pair["prompt"]}
+    return {"prompt": pair["prompt"],
+            **{side: [user, {"role": "assistant", "content": pair[side]}] for side in ("chosen", "rejected")}}
 
 
 def policy_pairs(model, tokenizer, prompts: list[str], *, seed: int, labeling: str = "deterministic",
@@ -60,6 +71,8 @@ def main(argv: list[str] | None = None):
         pairs = policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels,
                              max_new_tokens=pair_args.max_new_tokens, temperature=pair_args.temperature,
                              top_p=pair_args.top_p)
+    if pair_args.conversational:
+        pairs = [as_conversation(pair) for pair in pairs]
     os.makedirs(os.path.dirname(os.path.abspath(pair_args.output_file)), exist_ok=True)
     with open(pair_args.output_file, "w") as f:
         for pair in pairs:

@@ -24,7 +24,7 @@ from utils.logprobs import model_logps
 from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
 from utils.modeling import (PACKING_ATTENTION, ModelArguments, apply_lora, load_model, load_tokenizer,
-                            packed_rows_by_default, resolve_attn_implementation, router_kwargs)
+                            model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.reference import ReferenceScoring
 
@@ -65,7 +65,8 @@ class DPOArguments(TrainingArguments):
     padding_free: bool | None = field(
         default=None, metadata={"help": "Pack each batch's sequences into one row: no compute on padding. Default: "
                                         "on where CUDA has a variable-length flash kernel (attention then costs "
-                                        "the sequences' own lengths), off on CPU.", "nargs": "?", "const": True})
+                                        "the sequences' own lengths), off on CPU; decided in check_arguments.",
+                                        "nargs": "?", "const": True})
     # The non-finite guard (utils/guards.py) stops on such a loss; the Trainer's filter reads every step's loss on
     # the host, a device sync per step.
     logging_nan_inf_filter: bool = False
@@ -90,16 +91,14 @@ class DPOArguments(TrainingArguments):
             self.loss_weights = [*(self.loss_weights or [1.0] * len(self.loss_type)), self.rpo_alpha]
             self.loss_type = [*self.loss_type, "sft"]
             self.rpo_alpha = None  # now in the lists: a second __post_init__ (to_dict round trip) adds nothing
-        if self.padding_free is None:
-            self.padding_free = packed_rows_by_default(self.use_cpu, self.bf16 or self.fp16)
         if self.dataloader_pin_memory and not self.use_cpu and torch.cuda.is_available():
             # batches reach the GPU from pinned memory without waiting: a blocking copy syncs the stream
             self.accelerator_config.non_blocking = True
 
 
 def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
-    """Flag combinations that cannot work, refused before anything is loaded or written; which flags a loss reads
-    comes from the registry (utils/losses.py)."""
+    """Flag combinations that cannot work, refused before anything is loaded or written (which flags a loss reads
+    comes from the registry, utils/losses.py); and --padding_free's default, which depends on the model's config."""
     if args.beta <= 0:
         raise ConfigError(f"--beta must be > 0, got {args.beta}")
     unknown = [name for name in args.loss_type if name not in LOSSES]
@@ -125,7 +124,10 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     for name in ("logps_chunk_size", "precompute_ref_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free)
+    window = model_sliding_window(model_args)  # from the config alone: nothing is loaded yet
+    if args.padding_free is None:
+        args.padding_free = packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
+    attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free, window)
     if args.padding_free and attention not in PACKING_ATTENTION:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKING_ATTENTION}, not {attention}")
 

@@ -11,6 +11,7 @@ import torch
 import transformers
 import yaml
 
+import make_toy_pairs
 import train_dpo
 from train_dpo import DPOArguments
 from utils import modeling
@@ -142,10 +143,18 @@ def test_trl_dpo_config_yaml_parses_every_key(tmp_path):
 
 @pytest.mark.parametrize("recipe, peft", [("zephyr_7b_beta_dpo_full.yaml", False), ("trl_dpo_lora.yaml", True)])
 def test_recipe_trains_here_with_warmup_as_a_ratio(recipe, peft, tmp_path):
-    """The recipe as is, the data keys and the run's size aside: 20 steps, of which the handbook's warmup_ratio 0.1
-    warms up 2; no push to the Hub."""
-    config = write_yaml(tmp_path, without_data_keys(RECIPES / recipe))
-    trainer = train_dpo.main([config, "--dataset_name", "toy-sentiment", "--toy_num_train_pairs", "48",
+    """The recipe as is, data keys included, the run's size aside: 20 steps, of which the handbook's warmup_ratio
+    0.1 warms up 2; a held-out part of the mixture that fits the small data; no push to the Hub."""
+    recipe_config = yaml.safe_load((RECIPES / recipe).read_text())
+    if "dataset_mixture" in recipe_config:  # the UltraFeedback-layout folder its comment makes, small
+        for split, num_pairs in (("train", 40), ("test", 16)):
+            make_toy_pairs.main(["--conversational", "true", "--num_pairs", str(num_pairs), "--seed", str(len(split)),
+                                 "--output_file", str(tmp_path / "toy_chat" / f"{split}.jsonl")])
+        for part in recipe_config["dataset_mixture"]["datasets"]:
+            part["id"] = str(tmp_path / "toy_chat")
+        recipe_config["dataset_mixture"]["test_split_size"] = 8
+    config = write_yaml(tmp_path, recipe_config)
+    trainer = train_dpo.main([config, "--toy_num_train_pairs", "48",
                               "--toy_num_eval_pairs", "8", "--max_length", "64", "--max_steps", "20",
                               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                               "--output_dir", str(tmp_path / "out"), "--ref_logps_cache_dir", str(tmp_path / "cache"),
@@ -213,7 +222,8 @@ def test_an_alias_exists_only_where_its_option_does(tmp_path):
 
 @pytest.mark.parametrize("key, reason", [("load_in_8bit", "use load_in_4bit"), ("sync_ref_model", "TR-DPO"),
                                          ("lora_target_parameters", "use lora_target_modules"),
-                                         ("overwrite_output_dir", "removed in transformers 5")])
+                                         ("overwrite_output_dir", "removed in transformers 5"),
+                                         ("f_divergence_type", "only the reverse KL"), ("ld_alpha", "LD-DPO")])
 def test_options_we_do_not_implement_are_refused_by_name(key, reason, tmp_path):
     config = write_yaml(tmp_path, {"beta": 0.1, key: True})
     with pytest.raises(ConfigError, match=rf"{config}: {key} is not supported here: .*{reason}"):

@@ -356,3 +356,16 @@ def test_resuming_without_the_reference_cache_is_one_error_line(tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not in the cache" in err[0] and "--ref_logps_cache_dir" in err[0]
+
+
+def test_padding_free_default_reads_the_models_sliding_window(tmp_path, monkeypatch):
+    from transformers import MistralConfig
+
+    MistralConfig(sliding_window=4, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                  num_attention_heads=2, num_key_value_heads=1).save_pretrained(tmp_path / "mistral")
+    seen = []
+    monkeypatch.setattr(train_dpo, "packed_rows_by_default", lambda *args: seen.append(args[-1]) or False)
+    model_args, args = ModelArguments(model_name_or_path=str(tmp_path / "mistral")), \
+        DPOArguments(output_dir=str(tmp_path / "out"))
+    train_dpo.check_arguments(model_args, args)
+    assert seen == [4] and args.padding_free is False

@@ -41,6 +41,10 @@ UNSUPPORTED = {
     **dict.fromkeys(("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"),
                     "the reference is the initial policy: TR-DPO's reference updates are not implemented"),
     "use_weighting": "WPO's per-pair weights are not implemented",
+    **dict.fromkeys(("f_divergence_type", "f_alpha_divergence_coef"),
+                    "only the reverse KL (standard DPO) is implemented; the losses are in utils/losses.py LOSSES"),
+    "ld_alpha": "LD-DPO's length weighting is not implemented; sigmoid_norm, ipo and simpo average over tokens",
+    "discopop_tau": "the discopop loss is not implemented (utils/losses.py LOSSES lists those that are)",
     "activation_offloading": "not implemented; activation_checkpointing is",
     "overwrite_output_dir": "removed in transformers 5; a run resumes only with resume_from_checkpoint",
 }

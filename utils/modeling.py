@@ -174,7 +174,10 @@ def model_sliding_window(args: ModelArguments) -> int | None:
     if adapter_config is not None:  # a PEFT adapter, which from_pretrained loads onto its base model
         with open(adapter_config) as f:
             name, revision = json.load(f)["base_model_name_or_path"], None
-    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
+    except OSError:  # no such model: load_tokenizer, which runs next, names the problem in one line
+        return None
     return getattr(config, "sliding_window", None)
 
 
