@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import train_dpo
-from helpers import add_reference_columns
+from helpers import add_reference_columns, subprocess_env, tiny_run_args
 from utils import reference
 from utils.checkpointing import GracefulInterrupt, latest_checkpoint, resolve_resume
 from utils.cli import run_script
@@ -32,13 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}
 OTHER = {"prompt": "this film came out last year.", "chosen": " i loved it.", "rejected": " i hated it."}
 USER, ASSISTANT = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
-
-
-def run_args(tmp_path, *extra, output="out") -> list[str]:
-    return ["--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs", "64", "--toy_num_eval_pairs", "16",
-            "--max_length", "64", "--output_dir", str(tmp_path / output), "--ref_logps_cache_dir",
-            str(tmp_path / "cache"), "--per_device_train_batch_size", "8", "--logging_steps", "1",
-            "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra]
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -72,7 +65,7 @@ BAD_DATA = [  # rows, flags, error message (regex)
 def test_bad_rows_fail_before_anything_is_written(rows, flags, message, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError, match=re.escape(path) + r" \[train\]:? " + message):
-        train_dpo.main(run_args(tmp_path, "--dataset_name", path, *flags))
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", path, *flags))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
@@ -81,7 +74,7 @@ def test_corrupt_jsonl_line_is_named(tmp_path):
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(OTHER) + "\n" + '{"prompt": "x", "chosen": \n'
                     + json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=re.escape(str(path)) + r" line 3: invalid JSON \(Expecting value"):
-        train_dpo.main(run_args(tmp_path, "--dataset_name", str(path)))
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", str(path)))
     assert not (tmp_path / "out").exists()
 
 
@@ -95,7 +88,7 @@ def test_corrupt_json_array_file_is_named(tmp_path):
 def test_missing_dataset_path(tmp_path):
     path = str(tmp_path / "nowhere" / "pairs.jsonl")
     with pytest.raises(DataError, match=re.escape(path) + ": no such file or folder"):
-        train_dpo.main(run_args(tmp_path, "--dataset_name", path))
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", path))
     assert not (tmp_path / "out").exists()
 
 
@@ -119,7 +112,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("flags, message", BAD_FLAGS)
 def test_flag_combinations_that_cannot_work(flags, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
-        train_dpo.main(run_args(tmp_path, *flags))
+        train_dpo.main(tiny_run_args(tmp_path, *flags))
     assert not (tmp_path / "out").exists()
 
 
@@ -130,9 +123,9 @@ def test_bad_config_file(text, message, tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(str(config)) + ": " + message):
-        train_dpo.main([str(config), *run_args(tmp_path)])
+        train_dpo.main([str(config), *tiny_run_args(tmp_path)])
     with pytest.raises(ConfigError, match="no such config file"):
-        train_dpo.main([str(tmp_path / "missing.yaml"), *run_args(tmp_path)])
+        train_dpo.main([str(tmp_path / "missing.yaml"), *tiny_run_args(tmp_path)])
     assert not (tmp_path / "out").exists()
 
 
@@ -160,7 +153,7 @@ def test_run_script_keeps_tracebacks_of_bugs():
 def test_command_line_error_is_one_line_without_traceback(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(GOOD) + "\nnot json\n")
-    result = subprocess.run([sys.executable, "train_dpo.py", *run_args(tmp_path, "--dataset_name", str(path))],
+    result = subprocess.run([sys.executable, "train_dpo.py", *tiny_run_args(tmp_path, "--dataset_name", str(path))],
                             cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -177,11 +170,6 @@ def test_row_index_names_source_rows_and_reaches_the_batch(tokenizer):
 
 
 # ------------------------------------------------------------------------------------ interruption
-
-def subprocess_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
 
 # train_dpo.py as a user runs it, except that it waits `pause` seconds in every training step ("step") or after
 # its first checkpoint ("save"), and touches `marker` when it does, so the test knows when to send a signal.
@@ -207,7 +195,7 @@ run_script(train_dpo.main)
 
 def start_run(tmp_path, where: str, pause: float, *flags) -> tuple[subprocess.Popen, Path]:
     marker = tmp_path / "marker"
-    command = [sys.executable, "-c", DRIVER, str(marker), str(pause), where, *run_args(tmp_path, *flags)]
+    command = [sys.executable, "-c", DRIVER, str(marker), str(pause), where, *tiny_run_args(tmp_path, *flags)]
     process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -258,12 +246,12 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, ca
     assert not (out / "model.safetensors").exists()
 
     capsys.readouterr()
-    train_dpo.main(run_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
+    train_dpo.main(tiny_run_args(tmp_path, *flags, "--resume_from_checkpoint", "latest"))
     log = capsys.readouterr().out
     assert f"resuming from {out / 'checkpoint-2'}" in log
     assert "reference log-probs (train): loaded from cache" in log and "computed for" not in log  # no rescoring
 
-    train_dpo.main(run_args(tmp_path, *flags, output="uninterrupted"))
+    train_dpo.main(tiny_run_args(tmp_path, *flags, output="uninterrupted"))
     resumed, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "uninterrupted" /
                                                                              "model.safetensors")
     at_checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
@@ -275,10 +263,10 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, ca
 
 def test_best_model_at_end_is_loaded_whole(tmp_path):
     """load_best_model_at_end goes through the same conversion: the experts and router come back too."""
-    trainer = train_dpo.main(run_args(tmp_path, "--max_steps", "3", "--save_steps", "1", "--eval_strategy", "steps",
-                                      "--eval_steps", "1", "--load_best_model_at_end", "true", "--learning_rate",
-                                      "1e-2", "--metric_for_best_model", "rewards/margins", "--greater_is_better",
-                                      "false"))
+    trainer = train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "3", "--save_steps", "1", "--eval_strategy",
+                                           "steps", "--eval_steps", "1", "--load_best_model_at_end", "true",
+                                           "--learning_rate", "1e-2", "--metric_for_best_model", "rewards/margins",
+                                           "--greater_is_better", "false"))
     best = trainer.state.best_model_checkpoint
     assert best is not None and not best.endswith("checkpoint-3")  # not simply the last step's weights
     saved, final = load_file(os.path.join(best, "model.safetensors")), trainer.model.state_dict()
@@ -431,7 +419,7 @@ def test_non_finite_loss_stops_naming_step_and_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_dpo.DPOTrainer, "compute_loss", compute_loss)
     with pytest.raises(NonFiniteError) as error:
-        train_dpo.main(run_args(tmp_path, "--max_steps", "5", "--save_steps", "1"))
+        train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "5", "--save_steps", "1"))
     assert f"non-finite loss (nan) at step 3; the step's batch holds rows {batches[2]}" in str(error.value)
     assert len(batches) == 3 and len(batches[2]) == 8
     checkpoints = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint"))
@@ -452,7 +440,7 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path, monkeypat
 
     monkeypatch.setattr(train_dpo.DPOTrainer, "training_step", training_step)
     with pytest.raises(NonFiniteError) as error:
-        train_dpo.main(run_args(tmp_path, "--max_steps", "4", "--save_steps", "1", "--max_grad_norm", "0"))
+        train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "4", "--save_steps", "1", "--max_grad_norm", "0"))
     assert f"non-finite gradient norm (nan) at step 2; the step's batch holds rows {batches[1]}" in str(error.value)
     checkpoints = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint"))
     assert checkpoints == ["checkpoint-1"]
