@@ -2,6 +2,7 @@
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from utils.data import DataArguments
 from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
                             resolve_attn_implementation)
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ModelArguments(model_name_or_path="mixtral-tiny")
 
 
@@ -277,3 +279,15 @@ def test_unknown_flag_is_rejected_with_the_closest_valid_one():
         parse_args((ModelArguments,), ["--no_such_flag", "1"])
     with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
         parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+def test_no_pickle_and_no_remote_code_by_default():
+    sources = [path for path in REPO.rglob("*.py") if ".venv" not in path.parts and "tests" not in path.parts]
+    assert len(sources) > 5
+    for path in sources:
+        text = path.read_text()
+        for pattern in ("torch.load(", "import pickle", "pickle.load", "dill.load", "trust_remote_code=True"):
+            assert pattern not in text, f"{path.relative_to(REPO)} uses {pattern}"
+    assert ModelArguments().trust_remote_code is False
