@@ -1,5 +1,5 @@
-"""utils/cli.py: flag combinations and config files that cannot work, and run_script's one-line errors (exit status
-2, no traceback)."""
+"""utils/cli.py: a YAML file then flags (flags win), unknown keys and flags, values outside their choices, flag
+combinations and config files that cannot work, and run_script's one-line errors (exit status 2, no traceback)."""
 
 import json
 import re
@@ -11,11 +11,58 @@ import pytest
 
 import train_dpo
 from helpers import subprocess_env, tiny_run_args
-from utils.cli import run_script
+from utils.cli import parse_args, run_script
+from utils.data import DataArguments
 from utils.errors import ConfigError, DataError, NonFiniteError
+from utils.modeling import ModelArguments
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_flags_flags_win(tmp_path):
+    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlora_r: 4\nuse_peft: true\n"
+                                  "lora_target_modules: [q_proj, v_proj]\neval_fraction: 0.1\nmax_length: 64\n")
+    model_args, data_args = parse_args((ModelArguments, DataArguments), [config, "--lora_r", "8",
+                                                                         "--max_length", "128"])
+    assert (model_args.lora_r, data_args.max_length) == (8, 128)  # flags win
+    assert model_args.model_name_or_path == "mixtral-tiny" and model_args.use_peft is True  # from the file
+    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
+    assert data_args.eval_fraction == 0.1
+    assert model_args.lora_alpha == ModelArguments().lora_alpha  # neither: the default
+
+
+def test_flags_only():
+    (model_args,) = parse_args((ModelArguments,), ["--model_name_or_path", "mixtral-tiny", "--lora_r", "2"])
+    assert (model_args.model_name_or_path, model_args.lora_r) == ("mixtral-tiny", 2)
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        parse_args((ModelArguments, DataArguments), [config])
+
+
+def test_yaml_value_outside_choices_is_rejected(tmp_path):
+    config = write_yaml(tmp_path, "truncation_mode: keep_middle\n")
+    with pytest.raises(SystemExit, match="truncation_mode.*keep_middle"):
+        parse_args((ModelArguments, DataArguments), [config])
+    config = write_yaml(tmp_path, "truncation_mode: keep_end\ndataset_format: implicit\n")
+    (data_args,) = parse_args((DataArguments,), [config])
+    assert (data_args.truncation_mode, data_args.dataset_format) == ("keep_end", "implicit")
+
+
+def test_unknown_flag_is_rejected_with_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--no_such_flag'\]; see --help"):
+        parse_args((ModelArguments,), ["--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
+        parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])
 
 
 BAD_FLAGS = [
