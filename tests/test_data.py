@@ -12,11 +12,13 @@ import torch
 import yaml
 from datasets import Dataset
 
+import train_dpo
+from helpers import tiny_run_args
 from utils import toy_task
 from utils.cli import parse_args
 from utils.data import DataArguments, PreferenceCollator, load_preference_data, prepare_split
 from utils.errors import ConfigError, DataError
-from utils.modeling import toy_tokenizer
+from utils.modeling import ModelArguments, load_tokenizer, toy_tokenizer
 
 EXPLICIT_ROWS = [
     {"prompt": "i saw this film with my sister.", "chosen": " the acting was wonderful.",
@@ -790,3 +792,66 @@ def test_hh_rlhf_like_split_trains_under_default_flags(tmp_path, rows_file):
     assert trainer.state.global_step == 2
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(math.isfinite(loss) for loss in losses)
+# ---------------------------------------------------------------- bad input through train_dpo, row indices
+
+OTHER = {"prompt": "this film came out last year.", "chosen": " i loved it.", "rejected": " i hated it."}
+USER, ASSISTANT = user("hi"), assistant("hello")
+
+BAD_DATA = [  # rows, flags, error message (regex)
+    pytest.param([{"prompt": "p", "chosen": " a"}] * 2, [], r"row 0 \(line 1\): missing field 'rejected'",
+                 id="missing-column"),
+    pytest.param([GOOD, {"prompt": "p", "chosen": " a"}], [], r"row 1 \(line 2\): field 'rejected' must be a str, "
+                 r"got null or missing", id="missing-in-one-row"),
+    pytest.param([GOOD, {**GOOD, "chosen": None}], [], r"row 1 \(line 2\): field 'chosen' must be a str, got null",
+                 id="null"),
+    pytest.param([GOOD, GOOD, {**GOOD, "prompt": 7}], [], r"row 2 \(line 3\): field 'prompt' must be a str, got int",
+                 id="non-string"),
+    pytest.param([{"chosen": [USER, ASSISTANT], "rejected": [{"role": "human", "content": "hi"}, ASSISTANT]}], [],
+                 r"row 0 \(line 1\): field 'rejected' message 0 has role 'human'", id="unknown-role"),
+    pytest.param([{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [USER]}], [],
+                 r"row 0 \(line 1\): field 'rejected' must end with an assistant turn", id="not-ending-in-assistant"),
+    pytest.param([{**GOOD, "prompt": "i watched this movie last night with my sister and my brother " * 3}] * 2,
+                 ["--max_length", "12"], r"no pair left to train on: all 2 pairs were dropped: 2 whose prompt leaves "
+                 r"no room for a completion within max_length 12", id="every-prompt-longer-than-max-length"),
+    pytest.param([{**GOOD, "rejected": GOOD["chosen"]}] * 2, [], r"no pair left to train on: all 2 pairs were dropped: "
+                 r"2 whose chosen equals rejected", id="every-chosen-identical-to-rejected"),
+]
+
+
+@pytest.mark.parametrize("rows, flags, message", BAD_DATA)
+def test_bad_rows_fail_before_anything_is_written(rows, flags, message, tmp_path, rows_file):
+    path = rows_file("pairs.jsonl", rows)
+    with pytest.raises(DataError, match=re.escape(path) + r" \[train\]:? " + message):
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", path, *flags))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_corrupt_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(OTHER) + "\n" + '{"prompt": "x", "chosen": \n'
+                    + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=re.escape(str(path)) + r" line 3: invalid JSON \(Expecting value"):
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", str(path)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_json_array_file_is_named(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text("[\n" + json.dumps(GOOD) + ",\n" + json.dumps(OTHER)[:-1] + ",,\n]\n")
+    with pytest.raises(DataError, match=re.escape(str(path)) + r" line 3: invalid JSON"):
+        load_preference_data(DataArguments(dataset_name=str(path)), load_tokenizer(ModelArguments()))
+
+
+def test_missing_dataset_path(tmp_path):
+    path = str(tmp_path / "nowhere" / "pairs.jsonl")
+    with pytest.raises(DataError, match=re.escape(path) + ": no such file or folder"):
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_row_index_names_source_rows_and_reaches_the_batch(tokenizer):
+    rows = [GOOD, {**GOOD, "rejected": GOOD["chosen"]}, OTHER]  # the identical pair (row 1) is dropped
+    pairs = prepare_split(Dataset.from_list(rows), DataArguments(dataset_name="inline"), tokenizer, "train")
+    assert pairs["row_index"] == [0, 2]
+    batch = PreferenceCollator(tokenizer.pad_token_id)(list(pairs))
+    assert batch["row_index"].tolist() == [0, 2]

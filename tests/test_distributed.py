@@ -18,6 +18,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 from safetensors.torch import load_file
 
+from helpers import tiny_run_args
 from utils.modeling import ModelArguments, load_model, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +26,9 @@ CONFIGS = os.path.join(REPO, "configs", "accelerate")
 ENTRY = os.path.join(REPO, "tests", "dist_entry.py")
 # sgd with a large step, no clipping, a constant rate: weight changes are exact sums of gradients
 # 9 eval pairs: two processes pad the last eval batch with a duplicate, which metrics must not count
-TRAIN = ["--toy_num_train_pairs", "48", "--toy_num_eval_pairs", "9", "--max_length", "64", "--max_steps", "3",
+TRAIN = ["--toy_num_train_pairs", "48", "--toy_num_eval_pairs", "9", "--max_steps", "3",
          "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--lr_scheduler_type", "constant",
-         "--precompute_ref_batch_size", "4", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
+         "--precompute_ref_batch_size", "4", "--save_strategy", "no"]
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,15 @@ def accelerate_env(config: str, launch=prepare_multi_gpu_env, **overrides) -> di
 
 
 def launch(tmp_path, name: str, *flags, processes: int = 1, env: dict | None = None):
-    """train_dpo (instrumented by dist_entry.py) in `processes` processes: the finished process, its record file."""
+    """The tiny run of train_dpo (instrumented by dist_entry.py) with `flags`, writing to tmp_path/name, in
+    `processes` processes: the finished process, its record file."""
     record = tmp_path / f"{name}.jsonl"
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port()]
     env = dict(env or os.environ, OMP_NUM_THREADS="1", DPO_TEST_RECORD=str(record))
     # a hung collective fails the test instead of waiting out gloo's 30-minute timeout
-    result = subprocess.run(launcher + [ENTRY, *flags, "--output_dir", str(tmp_path / name)], env=env, cwd=REPO,
+    result = subprocess.run(launcher + [ENTRY, *tiny_run_args(tmp_path, *flags, output=name)], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     return result, record
 

@@ -7,20 +7,12 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 import train_dpo
-from helpers import add_reference_columns, loop_logps
+from helpers import add_reference_columns, loop_logps, tiny_run_args
 from train_dpo import DPOArguments, DPOTrainer
-from utils import reference
 from utils.cli import parse_args
 from utils.losses import LOSSES
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import PACKING_ATTENTION, ModelArguments, load_model, load_tokenizer
-
-
-def tiny_run_args(tmp_path, *extra) -> list[str]:
-    return ["--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs", "64", "--toy_num_eval_pairs", "16",
-            "--max_length", "64", "--output_dir", str(tmp_path / "out"), "--ref_logps_cache_dir",
-            str(tmp_path / "cache"), "--per_device_train_batch_size", "8", "--logging_steps", "1",
-            "--report_to", "none", *extra]
 
 
 def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):

@@ -1,8 +1,6 @@
 """DPO paths beyond the default run, each checked end to end through `train_dpo.main(argv)` or the trainer:
-reference-free, padding-free (full and LoRA), resume under padding-free with gradient accumulation, and the
-IPO, hinge and robust losses against TRL's DPOTrainer."""
-
-import copy
+reference-free, padding-free (full and LoRA), and resume under padding-free with gradient accumulation (every loss
+against TRL's DPOTrainer: tests/test_dpo.py)."""
 
 import pytest
 import torch
@@ -10,9 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train_dpo
-from helpers import loop_logps
-from train_dpo import DPOArguments, DPOTrainer
-from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from helpers import loop_logps, tiny_run_args
+from train_dpo import DPOTrainer
 from utils.modeling import ModelArguments, load_model, load_tokenizer
 
 TINY = ModelArguments(model_name_or_path="mixtral-tiny")
@@ -22,12 +19,11 @@ SGD = ["--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--lr
 
 
 def run(tmp_path, name: str, *extra) -> DPOTrainer:
-    """A tiny in-process run writing to tmp_path/name, with its own reference cache tmp_path/cache-name."""
-    return train_dpo.main(["--model_name_or_path", "mixtral-tiny", "--toy_num_train_pairs", "16",
-                           "--toy_num_eval_pairs", "2", "--max_length", "64", "--output_dir", str(tmp_path / name),
-                           "--ref_logps_cache_dir", str(tmp_path / f"cache-{name}"), "--per_device_train_batch_size",
-                           "4", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
-                           *extra])
+    """The tiny run on 16 pairs in batches of 4, in process, writing to tmp_path/name, with its own reference cache
+    tmp_path/cache-name."""
+    return train_dpo.main(tiny_run_args(tmp_path, "--toy_num_train_pairs", "16", "--toy_num_eval_pairs", "2",
+                                        "--per_device_train_batch_size", "4", *extra, output=name,
+                                        cache=f"cache-{name}"))
 
 
 def weights(trainer) -> dict:

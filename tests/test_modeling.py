@@ -1,9 +1,10 @@
-"""utils/modeling.py (presets, toy tokenizer, checkpoints, LoRA, attention) and utils/cli.py (arguments)."""
+"""utils/modeling.py: presets, toy tokenizer, checkpoints, LoRA, attention, experts; no pickle, no remote code."""
 
 import copy
 import dataclasses
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from transformers import (BitsAndBytesConfig, MistralConfig, MistralForCausalLM,
 
 import train_dpo
 from utils import modeling, toy_task
-from utils.cli import parse_args, run_script
+from utils.cli import run_script
 from utils.errors import ConfigError
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.logprobs import model_logps
 from utils.modeling import (PRESETS, ModelArguments, apply_lora, load_model, load_tokenizer, preset_config,
                             resolve_attn_implementation)
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ModelArguments(model_name_or_path="mixtral-tiny")
 
 
@@ -211,13 +213,7 @@ def test_cpu_default_and_explicit_attention_reach_the_model(tokenizer):
     assert tiny(tokenizer, attn_implementation="eager").config._attn_implementation == "eager"
 
 
-# ---------------------------------------------------------------------------------------------------- cli
-
-def write_yaml(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(text)
-    return str(path)
-
+# ------------------------------------------------------------------------------------------------- experts
 
 def test_moe_experts_compute_in_the_autocast_dtype(tokenizer):
     # transformers' grouped_mm experts alone would stay in float32 under bf16 autocast (--bf16)
@@ -244,44 +240,6 @@ def test_moe_experts_compute_in_the_autocast_dtype(tokenizer):
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad, expected_grad.float(), rtol=0, atol=0)
 
-
-def test_yaml_then_flags_flags_win(tmp_path):
-    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlora_r: 4\nuse_peft: true\n"
-                                  "lora_target_modules: [q_proj, v_proj]\neval_fraction: 0.1\nmax_length: 64\n")
-    model_args, data_args = parse_args((ModelArguments, DataArguments), [config, "--lora_r", "8",
-                                                                         "--max_length", "128"])
-    assert (model_args.lora_r, data_args.max_length) == (8, 128)  # flags win
-    assert model_args.model_name_or_path == "mixtral-tiny" and model_args.use_peft is True  # from the file
-    assert model_args.lora_target_modules == ["q_proj", "v_proj"]
-    assert data_args.eval_fraction == 0.1
-    assert model_args.lora_alpha == ModelArguments().lora_alpha  # neither: the default
-
-
-def test_flags_only():
-    (model_args,) = parse_args((ModelArguments,), ["--model_name_or_path", "mixtral-tiny", "--lora_r", "2"])
-    assert (model_args.model_name_or_path, model_args.lora_r) == ("mixtral-tiny", 2)
-
-
-def test_unknown_yaml_key_is_rejected(tmp_path):
-    config = write_yaml(tmp_path, "model_name_or_path: mixtral-tiny\nlearning_rat: 0.1\n")
-    with pytest.raises(SystemExit, match="learning_rat"):
-        parse_args((ModelArguments, DataArguments), [config])
-
-
-def test_yaml_value_outside_choices_is_rejected(tmp_path):
-    config = write_yaml(tmp_path, "truncation_mode: keep_middle\n")
-    with pytest.raises(SystemExit, match="truncation_mode.*keep_middle"):
-        parse_args((ModelArguments, DataArguments), [config])
-    config = write_yaml(tmp_path, "truncation_mode: keep_end\ndataset_format: implicit\n")
-    (data_args,) = parse_args((DataArguments,), [config])
-    assert (data_args.truncation_mode, data_args.dataset_format) == ("keep_end", "implicit")
-
-
-def test_unknown_flag_is_rejected_with_the_closest_valid_one():
-    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--no_such_flag'\]; see --help"):
-        parse_args((ModelArguments,), ["--no_such_flag", "1"])
-    with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
-        parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])
 
 
 # ------------------------------------------------------------------------------------------- quantization
@@ -433,3 +391,15 @@ def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen
     with pytest.raises(ConfigError, match="--attn_implementation varlen has no sliding window, and this model "
                                           "attends through one of 4 tokens"):
         load_model(dataclasses.replace(args, attn_implementation="varlen"), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+def test_no_pickle_and_no_remote_code_by_default():
+    sources = [path for path in REPO.rglob("*.py") if ".venv" not in path.parts and "tests" not in path.parts]
+    assert len(sources) > 5
+    for path in sources:
+        text = path.read_text()
+        for pattern in ("torch.load(", "import pickle", "pickle.load", "dill.load", "trust_remote_code=True"):
+            assert pattern not in text, f"{path.relative_to(REPO)} uses {pattern}"
+    assert ModelArguments().trust_remote_code is False

@@ -1,12 +1,17 @@
 import dataclasses
 import hashlib
+import logging
 import os
+import re
 import shutil
 from unittest.mock import ANY
+import threading
+import time
 
 import huggingface_hub
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
 from helpers import add_reference_columns, loop_logps
@@ -243,3 +248,105 @@ def test_hub_model_missing_from_the_cache_is_never_reused(hub_cache, caplog):
         first = reference.model_identity(model_args, None)
     assert "not in the Hub cache" in caplog.text
     assert reference.model_identity(model_args, None) != first
+# ---------------------------------------------------------------------- damaged caches, concurrent writers
+
+def scored(tmp_path, num_pairs=8):
+    model_args = ModelArguments(model_name_or_path="mixtral-tiny")
+    data_args = DataArguments(toy_num_train_pairs=num_pairs, toy_num_eval_pairs=4, max_length=64)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args, tokenizer)
+    dataset = load_preference_data(data_args, tokenizer)
+    result = add_reference_columns(model, dataset, PreferenceCollator(tokenizer.pad_token_id),
+                                   model_args=model_args, data_args=data_args,
+                                   cache_dir=str(tmp_path), batch_size=4)
+    fingerprint = reference.reference_fingerprint(model_args, model, dataset["train"], data_args, torch.float32)
+    return result, tmp_path / f"{fingerprint}.safetensors", fingerprint
+
+
+def truncate(path, fingerprint):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def alter(path, fingerprint):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10  # one bit of the last reference log-prob
+    path.write_bytes(bytes(data))
+
+
+def fewer_rows(path, fingerprint):
+    reference.save_cache(str(path), {k: v[:-1] for k, v in load_file(path).items()}, fingerprint)
+
+
+def no_checksum(path, fingerprint):  # e.g. an old file, or one edited and re-saved
+    tensors = load_file(path)
+    save_file(tensors, str(path), metadata={"fingerprint": fingerprint, "rows": str(len(tensors["ref_chosen_logps"]))})
+
+
+def garbage(path, fingerprint):
+    path.write_bytes(b"not a safetensors file")
+
+
+@pytest.mark.parametrize("damage, reason", [(truncate, "unreadable"), (alter, "checksum mismatch"),
+                                            (fewer_rows, "expected \\d+ rows"), (no_checksum, "checksum mismatch"),
+                                            (garbage, "unreadable")],
+                         ids=["truncated", "altered", "wrong-row-count", "no-checksum", "garbage"])
+def test_damaged_cache_is_recomputed_never_loaded(damage, reason, tmp_path, monkeypatch, caplog):
+    first, path, fingerprint = scored(tmp_path)
+    damage(path, fingerprint)
+    calls = []
+    original = reference.score_dataset
+    monkeypatch.setattr(reference, "score_dataset", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="utils.reference"):
+        again, _, _ = scored(tmp_path)
+    assert len(calls) == 1  # train recomputed; eval still loaded from its intact file
+    assert re.search(rf"{re.escape(str(path))} not used.*{reason}.*recomputing", caplog.text), caplog.text
+    assert again["train"]["ref_chosen_logps"] == first["train"]["ref_chosen_logps"]
+    assert again["train"]["ref_rejected_logps"] == first["train"]["ref_rejected_logps"]
+    tensors, problem = reference.load_cache(str(path), fingerprint, len(first["train"]))  # rewritten, valid
+    assert tensors is not None and problem == ""
+    scored(tmp_path)
+    assert len(calls) == 1  # and used from then on
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_concurrent_writers_of_one_cache_file_do_not_corrupt_it(tmp_path):
+    path, rows = str(tmp_path / "same.safetensors"), 200_000
+    tensors = {"ref_chosen_logps": torch.randn(rows), "ref_rejected_logps": torch.randn(rows)}
+    errors, reads = [], []
+
+    def write():
+        try:
+            for _ in range(15):
+                reference.save_cache(path, tensors, "fp")
+        except Exception as error:  # noqa: BLE001 -- collected and asserted below
+            errors.append(error)
+
+    def read():
+        for _ in range(40):
+            reads.append(reference.load_cache(path, "fp", rows)[1])
+
+    threads = [threading.Thread(target=write) for _ in range(4)] + [threading.Thread(target=read)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert set(reads) <= {"", "missing"}, set(reads)  # readers saw a whole file or none
+    loaded, problem = reference.load_cache(path, "fp", rows)
+    assert problem == "" and torch.equal(loaded["ref_chosen_logps"], tensors["ref_chosen_logps"])
+    assert os.listdir(tmp_path) == ["same.safetensors"]  # no temporary files left behind
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_save(tmp_path):
+    path = str(tmp_path / "fp.safetensors")
+    orphaned, in_flight, unrelated = (tmp_path / name for name in ("fp.safetensors.dead.tmp",
+                                                                   "fp.safetensors.busy.tmp",
+                                                                   "other.safetensors.dead.tmp"))
+    for temp in (orphaned, in_flight, unrelated):
+        temp.write_bytes(b"half a file")
+    two_hours_ago = time.time() - 7200
+    os.utime(orphaned, (two_hours_ago, two_hours_ago))  # a writer SIGKILLed mid-write, long ago
+    os.utime(unrelated, (two_hours_ago, two_hours_ago))
+    reference.save_cache(path, {"ref_chosen_logps": torch.zeros(3), "ref_rejected_logps": torch.ones(3)}, "fp")
+    assert sorted(os.listdir(tmp_path)) == ["fp.safetensors", "fp.safetensors.busy.tmp",  # maybe still writing
+                                            "other.safetensors.dead.tmp"]  # another file's, left to its writer
