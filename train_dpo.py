@@ -23,7 +23,7 @@ from utils.guards import NonFiniteGuard
 from utils.logprobs import model_logps
 from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
-from utils.modeling import (PACKING_ATTENTION, ModelArguments, apply_lora, load_model, load_tokenizer,
+from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, load_model, load_tokenizer,
                             model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.reference import ReferenceScoring
@@ -128,8 +128,8 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     if args.padding_free is None:
         args.padding_free = packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
     attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free, window)
-    if args.padding_free and attention not in PACKING_ATTENTION:
-        raise ConfigError(f"--padding_free needs --attn_implementation in {PACKING_ATTENTION}, not {attention}")
+    if args.padding_free and attention not in PACKED_ROW_ATTENTIONS:
+        raise ConfigError(f"--padding_free needs --attn_implementation in {PACKED_ROW_ATTENTIONS}, not {attention}")
 
 
 class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):

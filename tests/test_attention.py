@@ -8,7 +8,7 @@ import torch
 from utils.attention import block_causal_mask, varlen_attention_forward
 from utils.data import collate_completions
 from utils.logprobs import MODEL_INPUTS
-from utils.modeling import PACKING_ATTENTION, ModelArguments, load_model
+from utils.modeling import PACKED_ROW_ATTENTIONS, ModelArguments, load_model
 
 LENGTHS = [3, 1, 4]  # three sequences in one packed row, one of them a single token
 CU_SEQ_LENS = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
@@ -41,7 +41,7 @@ def test_varlen_attention_of_a_packed_row_is_each_sequences_own_attention():
         torch.testing.assert_close(output[0, start:end], expected.transpose(0, 1))
 
 
-@pytest.mark.parametrize("attention", [name for name in PACKING_ATTENTION if name != "flash_attention_2"])  # CPU
+@pytest.mark.parametrize("attention", [name for name in PACKED_ROW_ATTENTIONS if name != "flash_attention_2"])  # CPU
 def test_packed_and_padded_rows_give_each_sequence_its_own_logits(attention, tokenizer):
     tiny = dict(model_name_or_path="mixtral-tiny")
     model = load_model(ModelArguments(**tiny, attn_implementation=attention), tokenizer).eval()

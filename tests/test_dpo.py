@@ -12,7 +12,7 @@ from train_dpo import DPOArguments, DPOTrainer
 from utils.cli import parse_args
 from utils.losses import LOSSES
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
-from utils.modeling import PACKING_ATTENTION, ModelArguments, load_model, load_tokenizer
+from utils.modeling import PACKED_ROW_ATTENTIONS, ModelArguments, load_model, load_tokenizer
 
 
 def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):
@@ -186,7 +186,7 @@ def test_peft_trains_adapters_and_leaves_base_weights_unchanged(tmp_path):
 
 def packing_implementations() -> list[str]:
     """Every attention implementation that keeps packed sequences apart and runs on this machine."""
-    runs_here = [name for name in PACKING_ATTENTION if name != "flash_attention_2"]
+    runs_here = [name for name in PACKED_ROW_ATTENTIONS if name != "flash_attention_2"]
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         runs_here.append("flash_attention_2")
     return runs_here

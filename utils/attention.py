@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-PACKED_ATTENTION = "varlen"
+VARLEN_ATTENTION = "varlen"  # the name this module registers its implementation under
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +65,7 @@ def packs_linearly(implementation: str, device: torch.device, dtype: torch.dtype
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     return implementation == "flash_attention_2" or (
-        implementation == PACKED_ATTENTION and cuda_varlen_kernel_available(device.index))
+        implementation == VARLEN_ATTENTION and cuda_varlen_kernel_available(device.index))
 
 
 def _cuda_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, dropout, scaling):
@@ -108,7 +108,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers' attention signature: query [batch, heads, seq, dim], key/value [batch, kv_heads, seq, dim];
     returns ([batch, seq, heads, dim], None)."""
     if sliding_window is not None:
-        raise ValueError(f"attn_implementation {PACKED_ATTENTION!r} has no sliding-window support (the model's "
+        raise ValueError(f"attn_implementation {VARLEN_ATTENTION!r} has no sliding-window support (the model's "
                          f"sliding_window is {sliding_window}); use sdpa or flash_attention_2")
     if cu_seq_lens_q is None:  # one sequence per row, right-padded (see the module docstring)
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
@@ -129,4 +129,4 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return output.transpose(1, 2), None
 
 
-AttentionInterface.register(PACKED_ATTENTION, varlen_attention_forward)
+AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)

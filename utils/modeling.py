@@ -19,7 +19,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.utils import find_adapter_config_file
 
 from utils import toy_task
-from utils.attention import PACKED_ATTENTION, cuda_varlen_kernel_available
+from utils.attention import VARLEN_ATTENTION, cuda_varlen_kernel_available
 from utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 LORA_TARGETS_MIXTRAL = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Keep packed sequences apart: ours and flash_attention_2 read the collator's cu_seq_lens; transformers' sdpa and
+# The implementations that keep packed sequences apart: ours and flash_attention_2 read the collator's cu_seq_lens; transformers' sdpa and
 # eager build a dense block mask from position_ids (only with no attention_mask and no KV cache).
-PACKING_ATTENTION = (PACKED_ATTENTION, "flash_attention_2", "sdpa", "eager")
+PACKED_ROW_ATTENTIONS = (VARLEN_ATTENTION, "flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
@@ -152,13 +152,13 @@ def resolve_attn_implementation(requested: str | None, packed: bool = False, sli
     """The attention implementation: the requested one, else `varlen` for packed (padding-free) rows, else
     flash_attention_2 where flash_attn imports and CUDA is present, else sdpa. `varlen` has no sliding window: a
     model with one (`sliding_window`, e.g. Mistral-7B-v0.1's 4096) packs through the others, which build it in."""
-    if requested == PACKED_ATTENTION and sliding_window is not None:
-        raise ConfigError(f"--attn_implementation {PACKED_ATTENTION} has no sliding window, and this model attends "
+    if requested == VARLEN_ATTENTION and sliding_window is not None:
+        raise ConfigError(f"--attn_implementation {VARLEN_ATTENTION} has no sliding window, and this model attends "
                           f"through one of {sliding_window} tokens: use sdpa or flash_attention_2")
     if requested:
         return requested
     if packed and sliding_window is None:
-        return PACKED_ATTENTION
+        return VARLEN_ATTENTION
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -197,8 +197,8 @@ def check_left_padding(args: ModelArguments) -> None:
     """Refuse the packed implementation for a script whose batches are left-padded (TRL's PPO: prompts end at one
     column). `varlen` gets no attention mask from transformers and reads padded rows as right-padded, so real tokens
     would attend to the padding before them."""
-    if args.attn_implementation == PACKED_ATTENTION:
-        raise ConfigError(f"--attn_implementation {PACKED_ATTENTION} ignores padding masks, and this script's batches "
+    if args.attn_implementation == VARLEN_ATTENTION:
+        raise ConfigError(f"--attn_implementation {VARLEN_ATTENTION} ignores padding masks, and this script's batches "
                           "are left-padded: use sdpa, eager or flash_attention_2")
 
 
@@ -207,7 +207,7 @@ def generation_attention(model):
     """generate() left-pads its prompts, which the packed implementation (right padding only) cannot mask:
     sdpa stands in while generating."""
     implementation = model.config._attn_implementation
-    if implementation != PACKED_ATTENTION:
+    if implementation != VARLEN_ATTENTION:
         yield
         return
     model.set_attn_implementation("sdpa")
