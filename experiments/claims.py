@@ -52,18 +52,18 @@ SIZES = {  # default / --quick
     "preset": ("mixtral-toy", "mixtral-toy"),
     "sft_reviews": (4000, 800),
     "pairs": (2000, 384),
-    "betas": ((0.05, 0.1, 0.5, 2.0), (0.1,)),
-    "kl_coefs": ((0.1, 0.3, 1.0), (0.3,)),
+    "betas": ((0.05, 0.1, 2.0), (0.1,)),
+    "kl_coefs": ((0.3, 1.0), (0.3,)),
     "ppo_episodes": (1024, 64),
     "ppo_batch": ((16, 4), (8, 2)),
     "eval_prompts": (256, 32),
     "max_new_tokens": (32, 16),
     "seeds": (3, 1),
-    "data_sizes": ((250, 1000), (128,)),  # and all the pairs
+    "data_sizes": ((500,), (128,)),  # and all the pairs
     "dpo_grid": ({"learning_rate": (3e-5, 1e-4, 3e-4, 1e-3), "num_train_epochs": (1, 2)},
                  {"learning_rate": (1e-4, 3e-4), "num_train_epochs": (2,)}),
     "adapt_pairs": (500, 128),
-    "iterative_rounds": (3, 1),
+    "iterative_rounds": (2, 1),
     "iterative_pairs": (500, 128),
     "kl_check_prompts": (1024, 48),
 }
@@ -81,6 +81,8 @@ def parse():
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once, each with cores / jobs threads")
     parser.add_argument("--output_dir", default="outputs/claims", help="checkpoints and logs")
     parser.add_argument("--results_dir", help="tables and plots (default experiments/results; --quick: output_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the steps that finished in an earlier run into the same --output_dir")
     parser.add_argument("--report_only", action="store_true",
                         help="rewrite the tables and plots from the last run's <output_dir>/claims_runs.json")
     args = parser.parse_args()
@@ -619,7 +621,7 @@ def main():
         write_outputs(runs["rows"], runs["setting"], runs["tuning"], kl_check, args, runs["seconds"])
         return
     start = time.perf_counter()
-    steps = frontier.Steps(args.jobs, os.path.join(out, "logs"))
+    steps = frontier.Steps(args.jobs, os.path.join(out, "logs"), resume=args.resume)
     if args.jobs > 1:  # this process evaluates beside the pool's runs: its share of the cores
         import torch
 

@@ -85,8 +85,9 @@ class Steps:
     with one job, each script's main(argv) in this process, one after the other: a process would add nothing but its
     imports (~7 s a run)."""
 
-    def __init__(self, jobs: int, log_dir: str):
+    def __init__(self, jobs: int, log_dir: str, resume: bool = False):
         self.log_dir, self.pool, self.in_process = log_dir, concurrent.futures.ThreadPoolExecutor(jobs), jobs == 1
+        self.resume = resume  # a step that finished in an earlier run with the same log_dir is not run again
         self.env = dict(os.environ)
         self.lock = threading.Lock()
         if jobs > 1:  # share the cores instead of oversubscribing them
@@ -94,6 +95,10 @@ class Steps:
 
     def run(self, step: str, script: str, *flags) -> float:
         """Wall seconds of the step."""
+        done_file = os.path.join(self.log_dir, f"{step}.done")  # its wall seconds, once it succeeded
+        if self.resume and os.path.exists(done_file):
+            with open(done_file) as f:
+                return float(f.read())
         start = time.perf_counter()
         counts_file = os.path.join(self.log_dir, f"{step}.tokens.json")
         with open(os.path.join(self.log_dir, f"{step}.log"), "w") as log:
@@ -110,6 +115,8 @@ class Steps:
         seconds = time.perf_counter() - start
         if not succeeded:
             raise RuntimeError(f"{step} failed; see {self.log_dir}/{step}.log")
+        with open(done_file, "w") as f:
+            f.write(str(seconds))
         print(f"{step}: {seconds:.0f} s", flush=True)
         return seconds
 
