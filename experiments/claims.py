@@ -52,8 +52,8 @@ SIZES = {  # default / --quick
     "preset": ("mixtral-toy", "mixtral-toy"),
     "sft_reviews": (4000, 800),
     "pairs": (2000, 384),
-    "betas": ((0.05, 0.1, 2.0), (0.1,)),
-    "kl_coefs": ((0.3, 1.0), (0.3,)),
+    "betas": ((0.05, 0.1), (0.1,)),
+    "kl_coefs": ((0.3,), (0.3,)),
     "ppo_episodes": (1024, 64),
     "ppo_batch": ((16, 4), (8, 2)),
     "eval_prompts": (256, 32),
@@ -70,6 +70,7 @@ SIZES = {  # default / --quick
 BETA, KL_COEF = 0.1, 0.3  # DPO's and PPO's setting for data, topic and adapt: both land near 1.2 nats (frontier.md)
 TUNING_KL_COEF = 0.3  # the KL weight of the tuning objective, as in frontier.py --tune_ppo
 TARGET_REWARD = 0.4  # claims 2 and 3: the least data / compute at which a method's mean reward reaches this
+PRIORITY = {"frontier": 0, "kl": 1, "topic": 2, "data": 3, "adapt": 4, "iterative": 5}
 METRICS = ("reward", "kl", "kl_sampled", "win_rate", "length", "distinct_2", "words", "topic_rate", "topic_reward")
 
 
@@ -106,28 +107,32 @@ class Study:
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
 
-    def dpo(self, name, init, data, beta, seed, setting, after=()):
+    # Each step's priority is its experiment's (PRIORITY): on a busy machine the main claims finish first.
+    def dpo(self, name, init, data, beta, seed, setting, after=(), priority=0):
         # a reference cache of its own: every run scores (and is charged for) its reference
         self.futures[name] = frontier.submit_dpo(
             self.steps, name, self.out, init, data, beta, seed, "--learning_rate", setting["learning_rate"],
             "--num_train_epochs", setting["num_train_epochs"], "--ref_logps_cache_dir", self.path(f"ref_cache/{name}"),
-            after=after)
+            after=after, priority=priority)
 
-    def reward_model(self, name, data, seed, after=()):
-        self.futures[name] = frontier.submit_reward_model(self.steps, name, self.out, self.sft, data, seed, after)
+    def reward_model(self, name, data, seed, after=(), priority=0):
+        self.futures[name] = frontier.submit_reward_model(self.steps, name, self.out, self.sft, data, seed, after,
+                                                          priority)
 
-    def ppo(self, name, init, reward, data, seed, kl_coef=KL_COEF, after=()):
+    def ppo(self, name, init, reward, data, seed, kl_coef=KL_COEF, after=(), priority=0):
         self.futures[name] = frontier.submit_ppo(self.steps, name, self.out, init, self.path(reward), data, kl_coef,
-                                                 seed, self.size, after=[self.futures[reward], *after])
+                                                 seed, self.size, after=[self.futures[reward], *after],
+                                                 priority=priority)
 
-    def preferred_ft(self, name, data, seed):
-        self.futures[name] = frontier.submit_preferred_ft(self.steps, name, self.out, self.sft, data, seed)
+    def preferred_ft(self, name, data, seed, priority=0):
+        self.futures[name] = frontier.submit_preferred_ft(self.steps, name, self.out, self.sft, data, seed,
+                                                          priority=priority)
 
-    def pairs(self, name, policy, num_pairs, seed, *flags, after=()):
+    def pairs(self, name, policy, num_pairs, seed, *flags, after=(), priority=0):
         self.futures[name] = self.steps.submit(
             name, "make_toy_pairs.py", "--source", "policy", "--model_name_or_path", policy, "--num_pairs", num_pairs,
             "--max_new_tokens", self.size["max_new_tokens"], "--seed", seed, "--output_file",
-            self.path(f"{name}.jsonl"), *flags, after=after)
+            self.path(f"{name}.jsonl"), *flags, after=after, priority=priority)
 
     def cost(self, steps: list[str]) -> dict:
         """Wall seconds and counted token positions of the steps a method needed (each once finished)."""
@@ -158,10 +163,12 @@ class Study:
 
     def row(self, experiment: str, method: str, seed: int, name: str, steps: list[str], pairs: int,
             reward_queries: int, **extra):
-        """Evaluate checkpoint `name` and record it with the budget of `steps`."""
+        """Evaluate checkpoint `name` and record it with the budget of `steps` (pairs: a count, or a function that
+        counts them once they exist)."""
         metrics = {key: value for key, value in self.evaluate(name, seed).items() if key in METRICS}
         cost = self.cost(steps) if steps else {"wall_s": 0.0, "train_tokens": 0, "forward_tokens": 0,
                                                "reward_model_tokens": 0}
+        pairs = pairs() if callable(pairs) else pairs
         self.rows.append({"experiment": experiment, "method": method, "seed": seed, **metrics, "pairs": pairs,
                           "reward_queries": reward_queries, **cost, **extra})
         print(f"{experiment} {method} seed {seed}: reward {metrics['reward']:.3f}, KL {metrics['kl']:.2f}", flush=True)
@@ -211,7 +218,7 @@ def tuning_name(setting: dict) -> str:
     return f"tune_dpo_lr{setting['learning_rate']}_epochs{setting['num_train_epochs']}"
 
 
-def run_study(size: dict, seeds: range, out: str, steps: frontier.Steps) -> tuple[Study, dict, list[dict]]:
+def run_study(size: dict, seeds: range, out: str, steps: frontier.Steps, save) -> tuple[Study, dict, list[dict]]:
     from utils import toy_task
 
     study = Study(size, out, steps)
@@ -234,45 +241,59 @@ def run_study(size: dict, seeds: range, out: str, steps: frontier.Steps) -> tupl
         study.dpo(tuning_name(setting), study.sft, data, BETA, 0, setting)
     for seed in seeds:
         study.reward_model(f"reward_seed{seed}", data, seed)
-    study.pairs("pairs_brevity", study.sft, size["adapt_pairs"], 1, "--ground_truth", "brevity")
+    study.pairs("pairs_brevity", study.sft, size["adapt_pairs"], 1, "--ground_truth", "brevity",
+                priority=PRIORITY["adapt"])
+    topic, brevity = data_flags(files["topic"]), data_flags(study.path("pairs_brevity.jsonl"))
     for seed in seeds:
         for kl_coef in size["kl_coefs"]:
             study.ppo(f"ppo_kl{kl_coef}_seed{seed}", study.sft, f"reward_seed{seed}", data, seed, kl_coef)
         study.preferred_ft(f"preferred_ft_seed{seed}", data, seed)
-        study.reward_model(f"reward_topic_seed{seed}", data_flags(files["topic"]), seed)
-        study.preferred_ft(f"preferred_ft_topic_seed{seed}", data_flags(files["topic"]), seed)
-        study.ppo(f"ppo_topic_seed{seed}", study.sft, f"reward_topic_seed{seed}", data_flags(files["topic"]), seed)
+        study.reward_model(f"reward_topic_seed{seed}", topic, seed, priority=PRIORITY["topic"])
+        study.preferred_ft(f"preferred_ft_topic_seed{seed}", topic, seed, priority=PRIORITY["topic"])
+        study.ppo(f"ppo_topic_seed{seed}", study.sft, f"reward_topic_seed{seed}", topic, seed,
+                  priority=PRIORITY["topic"])
         for n in size["data_sizes"]:
-            study.reward_model(f"reward_n{n}_seed{seed}", data_flags(files[n]), seed)
-            study.ppo(f"ppo_n{n}_seed{seed}", study.sft, f"reward_n{n}_seed{seed}", data_flags(files[n]), seed)
-        study.reward_model(f"reward_brevity_seed{seed}", data_flags(study.path("pairs_brevity.jsonl")), seed,
-                           after=study.futures["pairs_brevity"])
+            study.reward_model(f"reward_n{n}_seed{seed}", data_flags(files[n]), seed, priority=PRIORITY["data"])
+            study.ppo(f"ppo_n{n}_seed{seed}", study.sft, f"reward_n{n}_seed{seed}", data_flags(files[n]), seed,
+                      priority=PRIORITY["data"])
+        study.reward_model(f"reward_brevity_seed{seed}", brevity, seed, after=study.futures["pairs_brevity"],
+                           priority=PRIORITY["adapt"])
         study.ppo(f"ppo_adapt_seed{seed}", study.path(f"ppo_kl{KL_COEF}_seed{seed}"), f"reward_brevity_seed{seed}",
-                  data_flags(study.path("pairs_brevity.jsonl")), seed,
-                  after=[study.futures[f"ppo_kl{KL_COEF}_seed{seed}"]])
+                  brevity, seed, after=[study.futures[f"ppo_kl{KL_COEF}_seed{seed}"]], priority=PRIORITY["adapt"])
         study.pairs(f"pairs_iterative1_seed{seed}", study.sft, size["iterative_pairs"], 1000 + seed,
                     "--reward_model_path", study.path(f"reward_seed{seed}"),
-                    after=study.futures[f"reward_seed{seed}"])
+                    after=study.futures[f"reward_seed{seed}"], priority=PRIORITY["iterative"])
 
-    setting, tuning = tune_dpo(study, "reward_seed0")
+    tuning_file = study.path("claims_tuning.json")  # a resumed run does not evaluate the grid again
+    if steps.resume and os.path.exists(tuning_file):
+        with open(tuning_file) as f:
+            setting, tuning = json.load(f)
+    else:
+        setting, tuning = tune_dpo(study, "reward_seed0")
+        with open(tuning_file, "w") as f:
+            json.dump([setting, tuning], f)
     print(f"DPO tuned: {setting}", flush=True)
     for seed in seeds:
         for beta in size["betas"]:
-            study.dpo(f"dpo_beta{beta}_seed{seed}", study.sft, data, beta, seed, setting)
+            study.dpo(f"dpo_beta{beta}_seed{seed}", study.sft, data, beta, seed, setting,
+                      priority=PRIORITY["frontier" if beta == BETA else "kl"])
         for n in size["data_sizes"]:
-            study.dpo(f"dpo_n{n}_seed{seed}", study.sft, data_flags(files[n]), BETA, seed, setting)
-        study.dpo(f"dpo_topic_seed{seed}", study.sft, data_flags(files["topic"]), BETA, seed, setting)
-        study.dpo(f"dpo_adapt_seed{seed}", study.path(f"dpo_beta{BETA}_seed{seed}"),
-                  data_flags(study.path("pairs_brevity.jsonl")), BETA, seed, setting,
-                  after=[study.futures[f"dpo_beta{BETA}_seed{seed}"], study.futures["pairs_brevity"]])
+            study.dpo(f"dpo_n{n}_seed{seed}", study.sft, data_flags(files[n]), BETA, seed, setting,
+                      priority=PRIORITY["data"])
+        study.dpo(f"dpo_topic_seed{seed}", study.sft, topic, BETA, seed, setting, priority=PRIORITY["topic"])
+        study.dpo(f"dpo_adapt_seed{seed}", study.path(f"dpo_beta{BETA}_seed{seed}"), brevity, BETA, seed, setting,
+                  after=[study.futures[f"dpo_beta{BETA}_seed{seed}"], study.futures["pairs_brevity"]],
+                  priority=PRIORITY["adapt"])
         policy = study.sft
         for round_ in range(1, size["iterative_rounds"] + 1):
             pairs, name = f"pairs_iterative{round_}_seed{seed}", f"dpo_iterative{round_}_seed{seed}"
             if round_ > 1:
                 study.pairs(pairs, policy, size["iterative_pairs"], 1000 * round_ + seed, "--reward_model_path",
-                            study.path(f"reward_seed{seed}"), after=study.futures[f"dpo_iterative{round_ - 1}_seed{seed}"])
+                            study.path(f"reward_seed{seed}"),
+                            after=study.futures[f"dpo_iterative{round_ - 1}_seed{seed}"],
+                            priority=PRIORITY["iterative"])
             study.dpo(name, policy, data_flags(study.path(f"{pairs}.jsonl")), BETA, seed, setting,
-                      after=study.futures[pairs])
+                      after=study.futures[pairs], priority=PRIORITY["iterative"])
             policy = study.path(name)
 
     # evaluations, in the main process while the pool trains: a run's evaluation waits only for that run
@@ -304,7 +325,7 @@ def run_study(size: dict, seeds: range, out: str, steps: frontier.Steps) -> tupl
         yield "topic", "DPO", f"dpo_topic_seed{seed}", [f"dpo_topic_seed{seed}"], topic_pairs, 0
         yield "topic", "RM + PPO", f"ppo_topic_seed{seed}", [f"reward_topic_seed{seed}", f"ppo_topic_seed{seed}"], \
             topic_pairs, ppo_queries
-        brevity_pairs = count_pairs(study.path("pairs_brevity.jsonl"))
+        brevity_pairs = lambda: count_pairs(study.path("pairs_brevity.jsonl"))  # noqa: E731 -- once it is written
         yield "adapt", "DPO before", f"dpo_beta{BETA}_seed{seed}", [], 0, 0
         yield "adapt", "DPO after", f"dpo_adapt_seed{seed}", [f"dpo_adapt_seed{seed}"], brevity_pairs, 0
         yield "adapt", "RM + PPO before", f"ppo_kl{KL_COEF}_seed{seed}", [], 0, 0
@@ -325,6 +346,7 @@ def run_study(size: dict, seeds: range, out: str, steps: frontier.Steps) -> tupl
         pending.remove(ready)
         index, (seed, (experiment, method, name, needed, pairs, queries)) = ready
         study.row(experiment, method, seed, name, needed, pairs, queries, order=index)
+        save(sorted(study.rows, key=lambda row: row["order"]), setting, tuning, {})  # a report of what is done
     study.rows.sort(key=lambda row: row.pop("order"))
     kl_check = {}
     beta = min(size["betas"])
@@ -581,8 +603,29 @@ def plot(rows, results_dir, title_suffix):
     figure.savefig(os.path.join(results_dir, "claims_data.png"), dpi=120)
 
 
+def complete(rows: list[dict]) -> list[dict]:
+    """The rows of the seeds that have every method of their experiment (a report of a run cut short)."""
+    kept = []
+    for experiment in dict.fromkeys(row["experiment"] for row in rows):
+        mine = [row for row in rows if row["experiment"] == experiment]
+        methods = {(row["method"], row["pairs"] if experiment == "data" else 0) for row in mine}
+        for seed in dict.fromkeys(row["seed"] for row in mine):
+            seed_rows = [row for row in mine if row["seed"] == seed]
+            if {(row["method"], row["pairs"] if experiment == "data" else 0) for row in seed_rows} == methods:
+                kept += seed_rows
+    return kept
+
+
 def write_outputs(rows, setting, tuning, kl_check, args, seconds):
     size, results_dir = args.size, args.results_dir
+    rows = complete([{key: value for key, value in row.items() if key != "order"} for row in rows])
+    run = {row["experiment"] for row in rows}
+
+    def section(experiment, title, make):
+        if experiment in run:
+            return make()
+        return [f"## {title}", "", "Not run to the end (the study was cut short)."]
+
     os.makedirs(results_dir, exist_ok=True)
     frontier.write_csv(os.path.join(results_dir, "claims.csv"), rows)
     frontier.write_csv(os.path.join(results_dir, "dpo_tuning.csv"), tuning)
@@ -597,8 +640,12 @@ def write_outputs(rows, setting, tuning, kl_check, args, seconds):
                f"excludes 0). KL: the full-distribution estimate (see the KL section).", "",
              "## DPO's tuning", "", f"Chosen: learning rate {setting['learning_rate']:g}, "
              f"{setting['num_train_epochs']} epoch(s).", "", *tuning_lines(tuning, setting, size), "",
-             *budget_section(rows), "", *data_section(rows), "", *topic_section(rows), "", *adapt_section(rows), "",
-             *length_section(rows), "", *kl_section(rows, kl_check, size)]
+             *section("frontier", "Frontier and budgets", lambda: budget_section(rows)), "",
+             *section("data", "Preference data and compute", lambda: data_section(rows)), "",
+             *section("topic", "Learning from bad examples", lambda: topic_section(rows)), "",
+             *section("adapt", "Adapting to a new preference", lambda: adapt_section(rows)), "",
+             *section("frontier", "Length and diversity", lambda: length_section(rows)), "",
+             *section("frontier", "The KL estimate", lambda: kl_section(rows, kl_check, size))]
     with open(os.path.join(results_dir, "claims.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(rows, results_dir, " (--quick)" if args.quick else "")
@@ -621,13 +668,19 @@ def main():
         write_outputs(runs["rows"], runs["setting"], runs["tuning"], kl_check, args, runs["seconds"])
         return
     start = time.perf_counter()
+
+    def save(rows, setting, tuning, kl_check):
+        with open(saved, "w") as f:
+            json.dump({"rows": rows, "setting": setting, "tuning": tuning, "kl_check": kl_check,
+                       "seconds": time.perf_counter() - start}, f)
+
     steps = frontier.Steps(args.jobs, os.path.join(out, "logs"), resume=args.resume)
     if args.jobs > 1:  # this process evaluates beside the pool's runs: its share of the cores
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     try:
-        study, setting, tuning, kl_check = run_study(args.size, range(args.seeds), out, steps)
+        study, setting, tuning, kl_check = run_study(args.size, range(args.seeds), out, steps, save)
     except RuntimeError as error:  # a step failed: its log says why
         steps.pool.shutdown(cancel_futures=True)
         sys.exit(str(error))
@@ -635,9 +688,7 @@ def main():
         steps.pool.shutdown(cancel_futures=True)
         raise
     seconds = time.perf_counter() - start
-    with open(saved, "w") as f:
-        json.dump({"rows": study.rows, "setting": setting, "tuning": tuning, "kl_check": kl_check,
-                   "seconds": seconds}, f)
+    save(study.rows, setting, tuning, kl_check)
     write_outputs(study.rows, setting, tuning, kl_check, args, seconds)
     print(f"total: {time.perf_counter() - start:.0f} s")
 

@@ -26,10 +26,12 @@ import concurrent.futures
 import contextlib
 import csv
 import importlib
+import itertools
 import json
 import logging
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -79,6 +81,36 @@ def parse():
     return args
 
 
+class PriorityPool:
+    """Worker threads that run the queued call with the lowest priority number first (in submission order among
+    equals): a step whose inputs became ready late still runs before less important ones queued earlier."""
+
+    def __init__(self, workers: int):
+        self.queue, self.order = queue.PriorityQueue(), itertools.count()
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def submit(self, priority: int, fn, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        self.queue.put((priority, next(self.order), future, fn, args))
+        return future
+
+    def work(self):
+        while True:
+            _, _, future, fn, args = self.queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 -- the future carries it to whoever waits
+                future.set_exception(error)
+
+    def shutdown(self, cancel_futures: bool = True):
+        """Cancel what has not started (running steps finish; their processes outlive this one)."""
+        while cancel_futures and not self.queue.empty():
+            self.queue.get_nowait()[2].cancel()
+
+
 class Steps:
     """Our scripts' runs, each with its output in <log_dir>/<step>.log and the token positions its models processed
     (experiments/token_count.py) in <log_dir>/<step>.tokens.json. With jobs > 1, up to `jobs` processes at once;
@@ -86,7 +118,7 @@ class Steps:
     imports (~7 s a run)."""
 
     def __init__(self, jobs: int, log_dir: str, resume: bool = False):
-        self.log_dir, self.pool, self.in_process = log_dir, concurrent.futures.ThreadPoolExecutor(jobs), jobs == 1
+        self.log_dir, self.pool, self.in_process = log_dir, PriorityPool(jobs), jobs == 1
         self.resume = resume  # a step that finished in an earlier run with the same log_dir is not run again
         self.env = dict(os.environ)
         self.lock = threading.Lock()
@@ -125,10 +157,11 @@ class Steps:
         with open(os.path.join(self.log_dir, f"{step}.tokens.json")) as f:
             return json.load(f)
 
-    def submit(self, step: str, script: str, *flags, after=()) -> concurrent.futures.Future:
+    def submit(self, step: str, script: str, *flags, after=(), priority: int = 0) -> concurrent.futures.Future:
         """`run` in the pool once the steps in `after` (futures, or one) have succeeded: a step waiting for others
-        holds no worker. In process, the step runs now, in the main thread (where the scripts' signal handlers must
-        be installed), after the steps it needs, which have run already."""
+        holds no worker; among ready steps the lowest `priority` first. In process, the step runs now, in the main
+        thread (where the scripts' signal handlers must be installed), after the steps it needs, which have run
+        already."""
         after = [after] if isinstance(after, concurrent.futures.Future) else list(after)
         if self.in_process:
             for needed in after:
@@ -147,7 +180,7 @@ class Steps:
             if failed is not None:
                 future.set_exception(failed)
                 return
-            inner = self.pool.submit(self.run, step, script, *flags)
+            inner = self.pool.submit(priority, self.run, step, script, *flags)
             inner.add_done_callback(lambda done: future.set_exception(done.exception()) if done.exception()
                                     else future.set_result(done.result()))
 
@@ -287,29 +320,33 @@ def data_flags(pairs_file: str) -> list:
 
 # One training step each, into <out>/<name>, from the policy `init`, on `data` (data_flags); extra flags go last, so
 # they override the config's and these.
-def submit_dpo(steps: Steps, name: str, out: str, init: str, data: list, beta: float, seed: int, *flags, after=()):
+def submit_dpo(steps: Steps, name: str, out: str, init: str, data: list, beta: float, seed: int, *flags, after=(),
+               priority: int = 0):
     return steps.submit(name, "train_dpo.py", "configs/dpo_toy.yaml", "--model_name_or_path", init, "--beta", beta,
                         "--seed", seed, "--output_dir", os.path.join(out, name), "--toy_reward_prompts", 0,
                         "--eval_strategy", "no", "--ref_logps_cache_dir", os.path.join(out, "ref_cache"), *data,
-                        *flags, after=after)
+                        *flags, after=after, priority=priority)
 
 
 def submit_ppo(steps: Steps, name: str, out: str, init: str, reward: str, data: list, kl_coef: float, seed: int,
-               size: dict, *flags, after=()):
+               size: dict, *flags, after=(), priority: int = 0):
     return steps.submit(name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", init, "--reward_model_path",
                         reward, "--kl_coef", kl_coef, "--seed", seed, *ppo_flags(size), "--output_dir",
-                        os.path.join(out, name), *data, *flags, after=after)
+                        os.path.join(out, name), *data, *flags, after=after, priority=priority)
 
 
-def submit_reward_model(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=()):
+def submit_reward_model(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=(),
+                        priority: int = 0):
     return steps.submit(name, "train_reward.py", "configs/reward_toy.yaml", "--model_name_or_path", init, "--seed",
-                        seed, "--output_dir", os.path.join(out, name), *data, after=after)
+                        seed, "--output_dir", os.path.join(out, name), *data, after=after, priority=priority)
 
 
-def submit_preferred_ft(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=()):
+def submit_preferred_ft(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=(),
+                        priority: int = 0):
     """SFT on the chosen completions of the pairs (train_sft.py on preference data)."""
     return steps.submit(name, "train_sft.py", "--model_name_or_path", init, "--output_dir", os.path.join(out, name),
-                        "--num_train_epochs", 1, "--learning_rate", 5e-4, "--seed", seed, *data, after=after)
+                        "--num_train_epochs", 1, "--learning_rate", 5e-4, "--seed", seed, *data, after=after,
+                        priority=priority)
 
 
 def ppo_budget(size: dict, tokens: dict) -> tuple[float, int]:
