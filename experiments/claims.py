@@ -52,7 +52,7 @@ SIZES = {  # default / --quick
     "preset": ("mixtral-toy", "mixtral-toy"),
     "sft_reviews": (4000, 800),
     "pairs": (2000, 384),
-    "betas": ((0.05, 0.1), (0.1,)),
+    "betas": ((0.1,), (0.1,)),
     "kl_coefs": ((0.3,), (0.3,)),
     "ppo_episodes": (1024, 64),
     "ppo_batch": ((16, 4), (8, 2)),
@@ -149,7 +149,12 @@ class Study:
         if key not in self.evaluations:
             from utils import toy_task
 
-            results = frontier.evaluation(self.path(name), self.sft, self.size, self.logs, seed, **overrides)
+            saved = os.path.join(self.logs, f"eval_{name}{''.join(f'_{key}' for key in overrides)}_seed{seed}.json")
+            if self.steps.resume and os.path.exists(saved):  # evaluated by the run that is resumed
+                with open(saved) as f:
+                    results = json.load(f)
+            else:
+                results = frontier.evaluation(self.path(name), self.sft, self.size, self.logs, seed, **overrides)
             texts = results["completions"]
             self.evaluations[key] = {
                 "reward": results["mean_reward"], "kl": results["kl_full"], "kl_sampled": results["kl"],
