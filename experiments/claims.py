@@ -411,7 +411,11 @@ def budget_section(rows):
             "the normalisation samples and one per episode; iterative DPO: two per labelled prompt). Iterative "
             "DPO's costs are cumulative over its rounds and include its reward model. Wall time: each run's own, "
             "with other runs and evaluations beside it; SFT's is shared by every method and not counted.", "",
-            *table(header, lines)]
+            *table(header, lines), "", f"DPO beta={BETA} minus each other method, paired by seed:", "",
+            *table(["other method", "GT reward", "KL"],
+                   [[m, difference(rows, ("frontier", f"DPO beta={BETA}"), (e, m)),
+                     difference(rows, ("frontier", f"DPO beta={BETA}"), (e, m), "kl", 2)]
+                    for e in ("frontier", "iterative") for m in methods_of(rows, e) if m != f"DPO beta={BETA}"])]
 
 
 def length_section(rows):
@@ -532,6 +536,10 @@ def kl_section(rows, kl_check, size):
                           f"{sum(top) / sum(ratios):.2f}" if sum(ratios) > 0 else "–"])
     spread = [[m, summary(rows, "frontier", m, "kl_sampled", 2), summary(rows, "frontier", m, "kl", 2)]
               for m in methods_of(rows, "frontier")]
+    if kl_check:
+        spread.append([f"DPO beta={beta}, {size['kl_check_prompts']} prompts",
+                       *(plus_minus(*mean_interval([statistics.fmean(checks[1][key]) for checks in kl_check.values()]),
+                                    2) for key in ("log_ratios", "full_kls"))])
     return ["## The KL estimate", "",
             f"DPO beta={beta}: each seed's checkpoint evaluated on its test prompts and on {size['kl_check_prompts']} "
             f"prompts. Sampled: the mean summed log-ratio of the sampled tokens; full: the mean summed exact "
@@ -541,6 +549,17 @@ def kl_section(rows, kl_check, size):
                     "largest sample", "top-1% share"], lines), "",
             "Across seeds (mean ± 95% t-interval), both estimators on the same samples:", "",
             *table(["method", "sampled KL", "full KL"], spread)]
+
+
+def saved_kl_check(logs: str, size: dict, seeds) -> dict:
+    """The KL check's evaluations as far as the logs have them (the report of a run cut short)."""
+    checks = {}
+    for seed in seeds:
+        files = [os.path.join(logs, f"eval_dpo_beta{min(size['betas'])}_seed{seed}{suffix}_seed{seed}.json")
+                 for suffix in ("", "_num_prompts")]
+        if all(map(os.path.exists, files)):
+            checks[seed] = [json.load(open(file)) for file in files]
+    return checks
 
 
 def tuning_lines(tuning: list[dict], setting: dict, size: dict) -> list[str]:
@@ -589,6 +608,8 @@ def plot(rows, results_dir, title_suffix):
     figure.tight_layout()
     figure.savefig(os.path.join(results_dir, "claims_frontier.png"), dpi=120)
 
+    if not any(row["experiment"] == "data" for row in rows):
+        return
     figure, axes = plt.subplots(figsize=(6, 4.2))
     for method, marker in (("DPO", "o"), ("RM + PPO", "s")):
         sizes = sorted({r["pairs"] for r in rows if r["experiment"] == "data" and r["method"] == method})
@@ -608,22 +629,21 @@ def plot(rows, results_dir, title_suffix):
     figure.savefig(os.path.join(results_dir, "claims_data.png"), dpi=120)
 
 
-def complete(rows: list[dict]) -> list[dict]:
-    """The rows of the seeds that have every method of their experiment (a report of a run cut short)."""
+def complete(rows: list[dict], size: dict) -> list[dict]:
+    """The rows of the seeds that have every method of their experiment (the report of a run cut short)."""
+    expected = {"frontier": 2 + len(size["betas"]) + len(size["kl_coefs"]), "iterative": size["iterative_rounds"],
+                "data": 2 * (len(size["data_sizes"]) + 1), "topic": 4, "adapt": 4}
     kept = []
-    for experiment in dict.fromkeys(row["experiment"] for row in rows):
-        mine = [row for row in rows if row["experiment"] == experiment]
-        methods = {(row["method"], row["pairs"] if experiment == "data" else 0) for row in mine}
-        for seed in dict.fromkeys(row["seed"] for row in mine):
-            seed_rows = [row for row in mine if row["seed"] == seed]
-            if {(row["method"], row["pairs"] if experiment == "data" else 0) for row in seed_rows} == methods:
-                kept += seed_rows
+    for (experiment, seed) in dict.fromkeys((row["experiment"], row["seed"]) for row in rows):
+        seed_rows = [row for row in rows if row["experiment"] == experiment and row["seed"] == seed]
+        if len(seed_rows) == expected[experiment]:
+            kept += seed_rows
     return kept
 
 
-def write_outputs(rows, setting, tuning, kl_check, args, seconds):
+def write_outputs(rows, setting, tuning, kl_check, args):
     size, results_dir = args.size, args.results_dir
-    rows = complete([{key: value for key, value in row.items() if key != "order"} for row in rows])
+    rows = complete([{key: value for key, value in row.items() if key != "order"} for row in rows], size)
     run = {row["experiment"] for row in rows}
 
     def section(experiment, title, make):
@@ -638,8 +658,7 @@ def write_outputs(rows, setting, tuning, kl_check, args, seconds):
         f.write("\n".join(tuning_lines(tuning, setting, size)) + "\n")
     seeds = args.seeds
     lines = [f"# The DPO paper's claims at toy scale{' (--quick)' if args.quick else ''}", "",
-             f"`experiments/claims.py{' --quick' if args.quick else ''} --jobs {args.jobs}`: {seconds / 60:.0f} "
-             f"minutes. Mean over {seeds} seed{'s' if seeds > 1 else ''}"
+             f"`experiments/claims.py{' --quick' if args.quick else ''}`. Mean over {seeds} seed{'s' if seeds > 1 else ''}"
              + (" ± the half-width of its 95% t-interval" if seeds > 1 else " (no interval from one seed)")
              + f"; {size['eval_prompts']} test prompts per evaluation; differences paired by seed (bold: the interval "
                f"excludes 0). KL: the full-distribution estimate (see the KL section).", "",
@@ -669,8 +688,9 @@ def main():
     if args.report_only:
         with open(saved) as f:
             runs = json.load(f)
-        kl_check = {int(seed): checks for seed, checks in runs["kl_check"].items()}
-        write_outputs(runs["rows"], runs["setting"], runs["tuning"], kl_check, args, runs["seconds"])
+        kl_check = ({int(seed): checks for seed, checks in runs["kl_check"].items()} or
+                    saved_kl_check(os.path.join(out, "logs"), args.size, range(args.seeds)))
+        write_outputs(runs["rows"], runs["setting"], runs["tuning"], kl_check, args)
         return
     start = time.perf_counter()
 
@@ -692,9 +712,8 @@ def main():
     except BaseException:  # our bug, or Ctrl-C: start nothing more (running steps finish)
         steps.pool.shutdown(cancel_futures=True)
         raise
-    seconds = time.perf_counter() - start
     save(study.rows, setting, tuning, kl_check)
-    write_outputs(study.rows, setting, tuning, kl_check, args, seconds)
+    write_outputs(study.rows, setting, tuning, kl_check, args)
     print(f"total: {time.perf_counter() - start:.0f} s")
 
 
