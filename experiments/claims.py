@@ -1,7 +1,8 @@
 """The DPO paper's claims about DPO against RLHF (reward model + PPO), each tested at toy scale.
 
-    .venv/bin/python experiments/claims.py --jobs 2     # the study, 3 seeds: ~45 minutes on 2 CPU cores
+    .venv/bin/python experiments/claims.py --jobs 2     # the study, 3 seeds: 78 minutes on the busy 2-core machine
     .venv/bin/python experiments/claims.py --quick      # every experiment at reduced size, 1 seed (the tests use it)
+    .venv/bin/python experiments/claims.py --jobs 2 --resume   # go on after an interruption (finished steps stay)
 
 The toy world, the SFT policy, the preference pairs sampled from it (labelled by the ground truth) and the methods
 are experiments/frontier.py's, run through its code. Experiments, each for --seeds seeds:
@@ -9,7 +10,7 @@ are experiments/frontier.py's, run through its code. Experiments, each for --see
 - tuning: DPO gets PPO's tuning budget (frontier.py --tune_ppo): 8 settings of learning rate x epochs at beta 0.1,
   seed 0, picked on validation prompts without the ground truth by the criterion PPO's tuning uses, the learned
   reward (the seed-0 reward model, normalised on SFT's samples) minus 0.3 x KL. Every DPO run below uses the pick.
-- frontier: tuned DPO at every beta, reward model + PPO at every KL coefficient, Preferred-FT; with
+- frontier: tuned DPO at each beta of SIZES, reward model + PPO at each KL coefficient, Preferred-FT; with
   - budget (claim 1, DPO needs no reward model): pairs labelled, reward queries, reward-model training tokens;
   - length and diversity: mean completion length, distinct-2.
 - data (claim 2, less preference data): DPO (beta 0.1) and reward model + PPO (kl_coef 0.3, the reward model trained
