@@ -17,8 +17,10 @@ import torch
 
 from utils import toy_task
 from utils.cli import parse_args, run_script
+from utils.errors import ConfigError
 from utils.generation import sample_completions
 from utils.modeling import ModelArguments, load_model, load_tokenizer
+from utils.rewards import make_judge
 
 logger = logging.getLogger("make_toy_pairs")
 
@@ -30,6 +32,11 @@ class PairArguments:
                                                       "choices": ["generator", "policy"]})
     num_pairs: int = field(default=2000, metadata={"help": "Pairs (generator) or prompts (policy) to make."})
     labeling: str = field(default="deterministic", metadata={"choices": ["deterministic", "bradley_terry"]})
+    ground_truth: str = field(default="sentiment", metadata={"help": "The reward that labels the pairs.",
+                                                             "choices": list(toy_task.GROUND_TRUTHS)})
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Label policy samples by this train_reward.py model instead of a ground "
+                                        "truth (iterative DPO: no ground-truth query)."})
     bt_temperature: float = 0.1
     seed: int = 0
     max_new_tokens: int = 32
@@ -48,13 +55,14 @@ def as_conversation(pair: dict) -> dict:
 
 
 def policy_pairs(model, tokenizer, prompts: list[str], *, seed: int, labeling: str = "deterministic",
-                 bt_temperature: float = 0.1, **sampling) -> list[dict]:
-    """Preference pairs from a policy's own samples: two completions per prompt, labelled by the ground truth."""
+                 bt_temperature: float = 0.1, reward=toy_task.ground_truth_reward, **sampling) -> list[dict]:
+    """Preference pairs from a policy's own samples: two completions per prompt, labelled by `reward` (completions
+    -> scores; default the ground truth)."""
     torch.manual_seed(seed)
     completions_a = sample_completions(model, tokenizer, prompts, **sampling)
     completions_b = sample_completions(model, tokenizer, prompts, **sampling)
     return toy_task.build_pairs(prompts, completions_a, completions_b, seed=seed, labeling=labeling,
-                                bt_temperature=bt_temperature)
+                                bt_temperature=bt_temperature, reward=reward)
 
 
 def main(argv: list[str] | None = None):
@@ -63,12 +71,20 @@ def main(argv: list[str] | None = None):
                         handlers=[logging.StreamHandler(sys.stdout)])
     labels = dict(labeling=pair_args.labeling, bt_temperature=pair_args.bt_temperature)
     if pair_args.source == "generator":
+        if pair_args.ground_truth != "sentiment" or pair_args.reward_model_path:
+            raise ConfigError("--ground_truth, --reward_model_path: the generator labels by sentiment only; use "
+                              "--source policy")
         pairs = toy_task.generator_pairs(pair_args.num_pairs, pair_args.seed, **labels)
     else:
         tokenizer = load_tokenizer(model_args)
         model = load_model(model_args, tokenizer)
         prompts = toy_task.make_prompts(pair_args.num_pairs, seed=pair_args.seed)
-        pairs = policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels,
+        if pair_args.reward_model_path:
+            judge = make_judge(pair_args.reward_model_path)
+            reward = lambda completions: judge(prompts, completions)  # noqa: E731 -- the prompts of these samples
+        else:
+            reward = toy_task.GROUND_TRUTHS[pair_args.ground_truth]
+        pairs = policy_pairs(model, tokenizer, prompts, seed=pair_args.seed, **labels, reward=reward,
                              max_new_tokens=pair_args.max_new_tokens, temperature=pair_args.temperature,
                              top_p=pair_args.top_p)
     if pair_args.conversational:

@@ -26,13 +26,16 @@ import concurrent.futures
 import contextlib
 import csv
 import importlib
+import itertools
 import json
 import logging
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -40,6 +43,8 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from token_count import TokenCounter  # noqa: E402 -- beside this file
 
 SIZES = {  # default / --quick
     "preset": ("mixtral-toy", "mixtral-toy"),
@@ -76,41 +81,112 @@ def parse():
     return args
 
 
-class Steps:
-    """Our scripts' runs, each with its output in <log_dir>/<step>.log. With jobs > 1, up to `jobs` processes at
-    once; with one job, each script's main(argv) in this process, one after the other: a process would add nothing
-    but its imports (~7 s a run)."""
+class PriorityPool:
+    """Worker threads that run the queued call with the lowest priority number first (in submission order among
+    equals): a step whose inputs became ready late still runs before less important ones queued earlier."""
 
-    def __init__(self, jobs: int, log_dir: str):
-        self.log_dir, self.pool, self.in_process = log_dir, concurrent.futures.ThreadPoolExecutor(jobs), jobs == 1
+    def __init__(self, workers: int):
+        self.queue, self.order = queue.PriorityQueue(), itertools.count()
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def submit(self, priority: int, fn, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        self.queue.put((priority, next(self.order), future, fn, args))
+        return future
+
+    def work(self):
+        while True:
+            _, _, future, fn, args = self.queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 -- the future carries it to whoever waits
+                future.set_exception(error)
+
+    def shutdown(self, cancel_futures: bool = True):
+        """Cancel what has not started (running steps finish; their processes outlive this one)."""
+        while cancel_futures and not self.queue.empty():
+            self.queue.get_nowait()[2].cancel()
+
+
+class Steps:
+    """Our scripts' runs, each with its output in <log_dir>/<step>.log and the token positions its models processed
+    (experiments/token_count.py) in <log_dir>/<step>.tokens.json. With jobs > 1, up to `jobs` processes at once;
+    with one job, each script's main(argv) in this process, one after the other: a process would add nothing but its
+    imports (~7 s a run)."""
+
+    def __init__(self, jobs: int, log_dir: str, resume: bool = False):
+        self.log_dir, self.pool, self.in_process = log_dir, PriorityPool(jobs), jobs == 1
+        self.resume = resume  # a step that finished in an earlier run with the same log_dir is not run again
         self.env = dict(os.environ)
+        self.lock = threading.Lock()
         if jobs > 1:  # share the cores instead of oversubscribing them
             self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
-    def run(self, step: str, script: str, *flags, after: concurrent.futures.Future | None = None) -> float:
-        """Wall seconds of the step, once `after` (a step it needs) has finished."""
-        if after is not None:
-            after.result()
+    def run(self, step: str, script: str, *flags) -> float:
+        """Wall seconds of the step."""
+        done_file = os.path.join(self.log_dir, f"{step}.done")  # its wall seconds, once it succeeded
+        if self.resume and os.path.exists(done_file):
+            with open(done_file) as f:
+                return float(f.read())
         start = time.perf_counter()
+        counts_file = os.path.join(self.log_dir, f"{step}.tokens.json")
         with open(os.path.join(self.log_dir, f"{step}.log"), "w") as log:
             if self.in_process:
-                succeeded = run_main(script, [str(flag) for flag in flags], log)
+                with TokenCounter() as counter:
+                    succeeded = run_main(script, [str(flag) for flag in flags], log)
+                with open(counts_file, "w") as f:
+                    json.dump(counter.counts, f)
             else:
-                succeeded = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, flags)], cwd=REPO,
-                                           stdout=log, stderr=subprocess.STDOUT, env=self.env).returncode == 0
+                command = [sys.executable, os.path.join(REPO, "experiments", "token_count.py"), counts_file,
+                           os.path.join(REPO, script), *map(str, flags)]
+                succeeded = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                           env=self.env).returncode == 0
         seconds = time.perf_counter() - start
         if not succeeded:
             raise RuntimeError(f"{step} failed; see {self.log_dir}/{step}.log")
+        with open(done_file, "w") as f:
+            f.write(str(seconds))
         print(f"{step}: {seconds:.0f} s", flush=True)
         return seconds
 
-    def submit(self, step: str, script: str, *flags, after=None) -> concurrent.futures.Future:
-        """`run` in the pool; submit a step after the steps it needs, so that they start first. In process, the step
-        runs now, in the main thread (where the scripts' signal handlers must be installed)."""
-        if not self.in_process:
-            return self.pool.submit(self.run, step, script, *flags, after=after)
-        future = concurrent.futures.Future()
-        future.set_result(self.run(step, script, *flags, after=after))
+    def tokens(self, step: str) -> dict:
+        """{"forward_backward": positions, "forward": positions} that the step's models processed."""
+        with open(os.path.join(self.log_dir, f"{step}.tokens.json")) as f:
+            return json.load(f)
+
+    def submit(self, step: str, script: str, *flags, after=(), priority: int = 0) -> concurrent.futures.Future:
+        """`run` in the pool once the steps in `after` (futures, or one) have succeeded: a step waiting for others
+        holds no worker; among ready steps the lowest `priority` first. In process, the step runs now, in the main
+        thread (where the scripts' signal handlers must be installed), after the steps it needs, which have run
+        already."""
+        after = [after] if isinstance(after, concurrent.futures.Future) else list(after)
+        if self.in_process:
+            for needed in after:
+                needed.result()
+            future = concurrent.futures.Future()
+            future.set_result(self.run(step, script, *flags))
+            return future
+        future, started = concurrent.futures.Future(), []
+
+        def start(_=None):
+            with self.lock:
+                if started or not all(needed.done() for needed in after):
+                    return
+                started.append(True)
+            failed = next((needed.exception() for needed in after if needed.exception()), None)
+            if failed is not None:
+                future.set_exception(failed)
+                return
+            inner = self.pool.submit(priority, self.run, step, script, *flags)
+            inner.add_done_callback(lambda done: future.set_exception(done.exception()) if done.exception()
+                                    else future.set_result(done.result()))
+
+        for needed in after:
+            needed.add_done_callback(start)
+        start()
         return future
 
 
@@ -169,7 +245,7 @@ def pair_token_counts(pairs_file: str, sft_dir: str) -> dict:
     from utils.data import DataArguments, load_preference_data
     from utils.modeling import ModelArguments, load_tokenizer
 
-    (data_args,) = parse_args((DataArguments,), ["--dataset_name", pairs_file, *DATA_FLAGS])  # as the runs read them
+    (data_args,) = parse_args((DataArguments,), data_flags(pairs_file))  # as the runs read them
     splits = load_preference_data(data_args, load_tokenizer(ModelArguments(model_name_or_path=sft_dir)))
     train = splits["train"]
     return {"pairs": sum(map(len, splits.values())), "train_pairs": len(train),
@@ -203,15 +279,21 @@ def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int) -> dict:
             "reward_queries": n * len(prompts), "tokens": n * len(prompts) * size["max_new_tokens"]}
 
 
-def evaluate(policy: str, reference: str, size: dict, logs: str, seed: int, **overrides) -> dict:
+def evaluation(policy: str, reference: str, size: dict, logs: str, seed: int, **overrides) -> dict:
+    """eval_policy's results for `policy` on the test prompts (or as `overrides` say), also written to the logs."""
     from eval_policy import EvalArguments, evaluate_policy
 
-    results = evaluate_policy(EvalArguments(policy_path=policy, reference_path=reference, sample_seed=seed,
-                                            num_prompts=size["eval_prompts"], max_new_tokens=size["max_new_tokens"],
-                                            num_eval_pairs=0, **overrides))
+    arguments = dict(policy_path=policy, reference_path=reference, sample_seed=seed, num_prompts=size["eval_prompts"],
+                     max_new_tokens=size["max_new_tokens"], num_eval_pairs=0)
+    results = evaluate_policy(EvalArguments(**{**arguments, **overrides}))
     name = os.path.basename(policy) + "".join(f"_{key}" for key in overrides)  # e.g. _judge_prompt_seed
     with open(os.path.join(logs, f"eval_{name}_seed{seed}.json"), "w") as f:
         json.dump(results, f, indent=2)
+    return results
+
+
+def evaluate(policy: str, reference: str, size: dict, logs: str, seed: int, **overrides) -> dict:
+    results = evaluation(policy, reference, size, logs, seed, **overrides)
     return {"mean_reward": results["mean_reward"], "kl": results["kl"], "win_rate": results["win_rate"]}
 
 
@@ -222,8 +304,8 @@ def prepare(size: dict, out: str, steps: Steps) -> dict:
                             "--toy_num_reviews", size["sft_reviews"], "--output_dir", sft)
     steps.run("pairs", "make_toy_pairs.py", "--source", "policy", "--model_name_or_path", sft, "--num_pairs",
               size["pairs"], "--max_new_tokens", size["max_new_tokens"], "--output_file", pairs_file)
-    return {"sft": sft, "sft_seconds": sft_seconds, "pairs_file": pairs_file,
-            "data": ["--dataset_name", pairs_file, *DATA_FLAGS], "tokens": pair_token_counts(pairs_file, sft)}
+    return {"sft": sft, "sft_seconds": sft_seconds, "pairs_file": pairs_file, "data": data_flags(pairs_file),
+            "tokens": pair_token_counts(pairs_file, sft)}
 
 
 def ppo_flags(size: dict) -> list:
@@ -232,11 +314,50 @@ def ppo_flags(size: dict) -> list:
             "--gradient_accumulation_steps", size["ppo_batch"][1]]
 
 
-def submit_reward_model(shared: dict, out: str, steps: Steps, seed: int) -> tuple[str, concurrent.futures.Future]:
-    path = os.path.join(out, f"reward_seed{seed}")
-    return path, steps.submit(f"reward_seed{seed}", "train_reward.py", "configs/reward_toy.yaml",
-                              "--model_name_or_path", shared["sft"], "--seed", seed, "--output_dir", path,
-                              *shared["data"])
+def data_flags(pairs_file: str) -> list:
+    return ["--dataset_name", pairs_file, *DATA_FLAGS]
+
+
+# One training step each, into <out>/<name>, from the policy `init`, on `data` (data_flags); extra flags go last, so
+# they override the config's and these.
+def submit_dpo(steps: Steps, name: str, out: str, init: str, data: list, beta: float, seed: int, *flags, after=(),
+               priority: int = 0):
+    return steps.submit(name, "train_dpo.py", "configs/dpo_toy.yaml", "--model_name_or_path", init, "--beta", beta,
+                        "--seed", seed, "--output_dir", os.path.join(out, name), "--toy_reward_prompts", 0,
+                        "--eval_strategy", "no", "--ref_logps_cache_dir", os.path.join(out, "ref_cache"), *data,
+                        *flags, after=after, priority=priority)
+
+
+def submit_ppo(steps: Steps, name: str, out: str, init: str, reward: str, data: list, kl_coef: float, seed: int,
+               size: dict, *flags, after=(), priority: int = 0):
+    return steps.submit(name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", init, "--reward_model_path",
+                        reward, "--kl_coef", kl_coef, "--seed", seed, *ppo_flags(size), "--output_dir",
+                        os.path.join(out, name), *data, *flags, after=after, priority=priority)
+
+
+def submit_reward_model(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=(),
+                        priority: int = 0):
+    return steps.submit(name, "train_reward.py", "configs/reward_toy.yaml", "--model_name_or_path", init, "--seed",
+                        seed, "--output_dir", os.path.join(out, name), *data, after=after, priority=priority)
+
+
+def submit_preferred_ft(steps: Steps, name: str, out: str, init: str, data: list, seed: int, after=(),
+                        priority: int = 0):
+    """SFT on the chosen completions of the pairs (train_sft.py on preference data)."""
+    return steps.submit(name, "train_sft.py", "--model_name_or_path", init, "--output_dir", os.path.join(out, name),
+                        "--num_train_epochs", 1, "--learning_rate", 5e-4, "--seed", seed, *data, after=after,
+                        priority=priority)
+
+
+def ppo_budget(size: dict, tokens: dict) -> tuple[float, int]:
+    """PPO's estimated forward/backward tokens and its reward queries: the normalisation samples, then per episode
+    generation, reference, reward and value forwards and num_ppo_epochs policy+value forward+backward passes."""
+    with open(PPO_CONFIG) as f:
+        ppo_config = yaml.safe_load(f)
+    normalization_samples = min(ppo_config.get("reward_normalization_samples", 0), tokens["train_pairs"])
+    sequence = tokens["prompt"] / tokens["train_pairs"] + size["max_new_tokens"]
+    ppo_tokens = sequence * (2 * normalization_samples + (4 + 2 * ppo_config["num_ppo_epochs"]) * size["ppo_episodes"])
+    return ppo_tokens, normalization_samples + size["ppo_episodes"]
 
 
 def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> dict:
@@ -244,29 +365,19 @@ def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> 
     per method, (checkpoint, future of wall seconds, tokens, preference pairs, reward queries)."""
     sft, data, tokens = shared["sft"], shared["data"], shared["tokens"]
     pair_tokens = 2 * tokens["prompt"] + tokens["chosen"] + tokens["rejected"]
-    with open(PPO_CONFIG) as f:
-        ppo_config = yaml.safe_load(f)
-    # PPO's reward queries and tokens: the normalisation samples, then per episode generation, reference, reward and
-    # value forwards and num_ppo_epochs policy+value forward+backward passes
-    normalization_samples = min(ppo_config.get("reward_normalization_samples", 0), tokens["train_pairs"])
-    sequence = tokens["prompt"] / tokens["train_pairs"] + size["max_new_tokens"]
-    ppo_tokens = sequence * (2 * normalization_samples + (4 + 2 * ppo_config["num_ppo_epochs"]) * size["ppo_episodes"])
-    ppo_queries = normalization_samples + size["ppo_episodes"]
+    ppo_tokens, ppo_queries = ppo_budget(size, tokens)
     methods = {}
 
-    reward, reward_future = submit_reward_model(shared, out, steps, seed)  # first: the PPO runs wait for it
+    reward_future = submit_reward_model(steps, f"reward_seed{seed}", out, sft, data, seed)  # first: PPO needs it
+    reward = os.path.join(out, f"reward_seed{seed}")
     for beta in size["betas"]:
         name = f"dpo_beta{beta}_seed{seed}"
-        future = steps.submit(name, "train_dpo.py", "configs/dpo_toy.yaml", "--model_name_or_path", sft, "--beta",
-                              beta, "--seed", seed, "--output_dir", os.path.join(out, name), "--toy_reward_prompts",
-                              0, "--eval_strategy", "no", "--ref_logps_cache_dir", os.path.join(out, "ref_cache"),
-                              *data)
+        future = submit_dpo(steps, name, out, sft, data, beta, seed)
         # 2 epochs of forward+backward on every pair, plus one reference forward
         methods[f"DPO beta={beta}"] = (os.path.join(out, name), future, 3 * pair_tokens, tokens["pairs"], 0)
 
     name = f"preferred_ft_seed{seed}"
-    future = steps.submit(name, "train_sft.py", "--model_name_or_path", sft, "--output_dir", os.path.join(out, name),
-                          "--num_train_epochs", 1, "--learning_rate", 5e-4, "--seed", seed, *data)
+    future = submit_preferred_ft(steps, name, out, sft, data, seed)
     methods["Preferred-FT"] = (os.path.join(out, name), future, tokens["prompt"] + tokens["chosen"], tokens["pairs"],
                                0)
 
@@ -276,10 +387,8 @@ def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> 
                                             (f"PPO-GT kl={kl_coef}", "ground_truth", "ppo_gt")):
             name = f"{prefix}_kl{kl_coef}_seed{seed}"
             learned = reward_path == reward  # reward model + PPO also pays for the reward model and uses the pairs
-            future = steps.submit(name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", sft,
-                                  "--reward_model_path", reward_path, "--kl_coef", kl_coef, "--seed", seed,
-                                  *ppo_flags(size), "--output_dir", os.path.join(out, name), *data,
-                                  after=reward_future if learned else None)
+            future = submit_ppo(steps, name, out, sft, reward_path, data, kl_coef, seed, size,
+                                after=[reward_future] if learned else [])
             methods[method] = (os.path.join(out, name), future, reward_tokens * learned + ppo_tokens,
                                tokens["pairs"] * learned, ppo_queries)
     return {"reward": (reward, reward_future), "reward_tokens": reward_tokens, "methods": methods}
@@ -436,15 +545,15 @@ def tune_ppo(shared: dict, size: dict, out: str, steps: Steps, logs: str) -> Non
     import itertools
 
     sft = shared["sft"]
-    reward, reward_future = submit_reward_model(shared, out, steps, seed=0)
+    reward_future = submit_reward_model(steps, "reward_seed0", out, sft, shared["data"], seed=0)
+    reward = os.path.join(out, "reward_seed0")
     kl_coef = size["kl_coefs"][len(size["kl_coefs"]) // 2]
     runs = {}
     for learning_rate, epochs in itertools.product(*TUNING_GRID.values()):
         name = f"tune_lr{learning_rate}_epochs{epochs}"
-        runs[learning_rate, epochs] = name, steps.submit(
-            name, "train_ppo.py", PPO_CONFIG, "--model_name_or_path", sft, "--reward_model_path", reward, "--kl_coef",
-            kl_coef, "--learning_rate", learning_rate, "--num_ppo_epochs", epochs, "--seed", 0, *ppo_flags(size),
-            "--output_dir", os.path.join(out, name), *shared["data"], after=reward_future)
+        runs[learning_rate, epochs] = name, submit_ppo(
+            steps, name, out, sft, reward, shared["data"], kl_coef, 0, size, "--learning_rate", learning_rate,
+            "--num_ppo_epochs", epochs, after=reward_future)
     concurrent.futures.wait([future for _, future in runs.values()])
     reward_mean, reward_std = reward_model_baseline(sft, reward, size, VALIDATION_PROMPT_SEED)
     rows = []

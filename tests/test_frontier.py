@@ -60,3 +60,30 @@ def test_difference_interval_is_paired_by_seed():
     assert shifted == pytest.approx((difference, half_width))
     # an unpaired interval would be far wider: the shifted runs spread over 17
     assert half_width < frontier.mean_interval([x + c for x, c in zip([1.0, 3.0, 5.0], shifts)])[1] / 5
+
+
+def test_a_resumed_run_skips_the_steps_that_finished(tmp_path):
+    output = tmp_path / "pairs.jsonl"
+    flags = ("--output_file", output, "--num_pairs", 5)
+    seconds = frontier.Steps(1, str(tmp_path)).run("pairs", "make_toy_pairs.py", *flags)
+    assert frontier.Steps(1, str(tmp_path)).tokens("pairs") == {"forward_backward": 0, "forward": 0}  # no model
+    output.unlink()
+    assert frontier.Steps(1, str(tmp_path), resume=True).run("pairs", "make_toy_pairs.py", *flags) == seconds
+    assert not output.exists()  # not run again
+    frontier.Steps(1, str(tmp_path)).run("pairs", "make_toy_pairs.py", *flags)  # without resume: it runs
+    assert output.exists()
+
+
+def test_priority_pool_runs_the_most_important_ready_call_first():
+    import threading
+
+    pool, ran, gate = frontier.PriorityPool(1), [], threading.Event()
+    pool.submit(0, gate.wait)  # holds the one worker while the others queue
+    futures = [pool.submit(priority, ran.append, priority) for priority in (5, 0, 3, 0)]
+    gate.set()
+    for future in futures:
+        future.result(timeout=10)
+    assert ran == [0, 0, 3, 5]
+    failing = pool.submit(0, lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=10)

@@ -41,3 +41,17 @@ def test_seed_and_labeling_flags_reach_the_generator(tmp_path, monkeypatch):
     sampled = pairs("--seed", "1", "--labeling", "bradley_terry", "--bt_temperature", "1000")
     assert sampled == toy_task.generator_pairs(40, seed=1, labeling="bradley_terry", bt_temperature=1000)
     assert sampled != pairs("--seed", "1")
+
+
+def test_policy_pairs_are_labelled_by_the_ground_truth_named(tmp_path, monkeypatch):
+    import pytest
+
+    from utils.errors import ConfigError
+
+    output = tmp_path / "pairs.jsonl"
+    run(monkeypatch, "--output_file", str(output), "--source", "policy", "--model_name_or_path", "mixtral-tiny",
+        "--num_pairs", "16", "--max_new_tokens", "8", "--ground_truth", "brevity")
+    pairs = [json.loads(line) for line in output.read_text().splitlines()]
+    assert pairs and all(len(p["chosen"].split()) < len(p["rejected"].split()) for p in pairs)
+    with pytest.raises(ConfigError, match="generator labels by sentiment only"):
+        run(monkeypatch, "--output_file", str(output), "--ground_truth", "topic")

@@ -101,3 +101,26 @@ def test_corpus_reviews_are_openings_plus_sentences():
         assert any(review.startswith(prefix) for prefix in openings)
         assert 3 <= review.count(".") <= 4  # an opening and two or three sentences
     assert len(set(make_corpus(100, seed=0))) > 90  # varied
+
+
+def test_topic_is_a_whole_word_and_costs_the_penalty():
+    texts = [" the music was great.", " the soundtrack was great.", " the musical score was great.",
+             " the acting was great."]
+    assert [toy_task.mentions_topic(text) for text in texts] == [True, True, False, False]
+    sentiment = ground_truth_reward(texts)
+    penalised = toy_task.topic_penalised_reward(texts)
+    assert penalised == pytest.approx([s - toy_task.TOPIC_PENALTY * m for s, m in zip(sentiment, [1, 1, 0, 0])])
+
+
+def test_build_pairs_labels_by_the_reward_it_is_given():
+    prompts = ["p1", "p2"]
+    a = [" i loved the music. it was wonderful.", " the film was long and slow and quiet."]
+    b = [" the plot was fine.", " the film was long."]
+    by_sentiment = build_pairs(prompts, a, b, seed=0)
+    assert by_sentiment[0]["chosen"] == a[0]  # the more positive, despite the music
+    by_topic = build_pairs(prompts, a, b, seed=0, reward=toy_task.topic_penalised_reward)
+    assert by_topic[0]["chosen"] == b[0]  # the topic's penalty outweighs the sentiment
+    by_brevity = build_pairs(prompts, a, b, seed=0, reward=toy_task.brevity_reward)
+    assert [p["chosen"] for p in by_brevity] == [b[0], b[1]]  # fewer words
+    assert toy_task.brevity_reward(b) == [-4.0, -4.0]
+    assert set(toy_task.GROUND_TRUTHS) == {"sentiment", "topic", "brevity"}

@@ -1,6 +1,6 @@
-"""Rewards for PPO: the toy task's ground-truth reward in the shape of a reward model, for PPO-GT (the DPO paper's PPO
-baseline that is given the true reward instead of a learned one), and the normalisation that puts any reward on one
-scale."""
+"""Rewards: a judge that scores texts (the ground truth or a train_reward.py model: evaluation, pair labelling), the toy
+task's ground-truth reward in the shape of a reward model for PPO-GT (the DPO paper's PPO baseline that is given the
+true reward instead of a learned one), and the normalisation that puts any reward on one scale."""
 
 import logging
 
@@ -9,9 +9,41 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from utils import toy_task
+from utils.data import collate_completions, special_prefix_ids, tokenize_completion
 from utils.errors import ConfigError
+from utils.modeling import ModelArguments, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
+GROUND_TRUTH = "ground_truth"
+
+
+def make_judge(judge: str, *, batch_size: int = 64):
+    """A function (prompts, completions) -> scores, for plain-text prompts (the toy task's).
+
+    A reward model scores what it was trained on: with its own tokenizer, prompt ids + completion ids ending in eos,
+    split as utils/data.py tokenises a pair (a reward model reads its score at the last token, here eos)."""
+    if judge == GROUND_TRUTH:
+        return lambda prompts, completions: toy_task.ground_truth_reward(completions)
+    model_args = ModelArguments(model_name_or_path=judge)
+    tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # as train_reward.py loads it
+    reward_model = load_model(model_args, tokenizer, num_labels=1).eval()
+    prefix_ids = special_prefix_ids(tokenizer)
+
+    @torch.no_grad()
+    def score(prompts, completions):
+        prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+        completion_ids = [tokenize_completion(tokenizer, prompt, completion, ids)
+                          for prompt, completion, ids in zip(prompts, completions, prompt_ids)]
+        scores = []
+        for start in range(0, len(prompts), batch_size):
+            batch = collate_completions([prefix_ids + ids for ids in prompt_ids[start:start + batch_size]],
+                                        completion_ids[start:start + batch_size], tokenizer.pad_token_id)
+            scores += reward_model(input_ids=batch["input_ids"].to(reward_model.device),
+                                   attention_mask=batch["attention_mask"].to(reward_model.device)
+                                   ).logits[:, 0].float().tolist()
+        return scores
+
+    return score
 
 
 class GroundTruthReward(nn.Module):

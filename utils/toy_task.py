@@ -9,6 +9,7 @@ It imports nothing of ours: every other module may use it.
 
 import math
 import random
+import re
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -106,6 +107,31 @@ def ground_truth_reward(completions: list[str]) -> list[float]:
     return [_ANALYZER.polarity_scores(text)["compound"] for text in completions]
 
 
+# A topic the reader does not want to hear about, for a world whose ground truth penalises it (the claim that DPO
+# learns from bad examples): reviews that mention the music.
+TOPIC_WORDS = ("music", "soundtrack")
+TOPIC_PENALTY = 1.0  # as large as VADER's whole positive range: a mention outweighs any sentiment gain
+
+
+def mentions_topic(text: str, words: tuple[str, ...] = TOPIC_WORDS) -> bool:
+    return any(re.search(rf"\b{re.escape(word)}\b", text) for word in words)
+
+
+def topic_penalised_reward(completions: list[str]) -> list[float]:
+    """Sentiment, less TOPIC_PENALTY for a completion that mentions the topic."""
+    return [reward - TOPIC_PENALTY * mentions_topic(text)
+            for text, reward in zip(completions, ground_truth_reward(completions))]
+
+
+def brevity_reward(completions: list[str]) -> list[float]:
+    """A second preference, for the adaptation claim: fewer words are better (minus the word count)."""
+    return [-float(len(text.split())) for text in completions]
+
+
+# The toy world's ground truths by name (make_toy_pairs.py --ground_truth): each maps completions to rewards.
+GROUND_TRUTHS = {"sentiment": ground_truth_reward, "topic": topic_penalised_reward, "brevity": brevity_reward}
+
+
 def label_pair(rng: random.Random, reward_a: float, reward_b: float, labeling: str, bt_temperature: float) -> bool:
     """True when completion a is preferred. `bradley_terry` samples P(a > b) = sigmoid((r_a - r_b) / T)."""
     if labeling == "deterministic":
@@ -118,11 +144,11 @@ def label_pair(rng: random.Random, reward_a: float, reward_b: float, labeling: s
 
 
 def build_pairs(prompts: list[str], completions_a: list[str], completions_b: list[str], *, seed: int,
-                labeling: str = "deterministic", bt_temperature: float = 0.1) -> list[dict]:
-    """Label two completions per prompt with the ground truth; pairs with equal rewards carry no signal and are
-    skipped, as are pairs with an empty completion."""
+                labeling: str = "deterministic", bt_temperature: float = 0.1, reward=ground_truth_reward) -> list[dict]:
+    """Label two completions per prompt with `reward` (completions -> scores; default the ground truth); pairs with
+    equal rewards carry no signal and are skipped, as are pairs with an empty completion."""
     rng = random.Random(seed)
-    rewards_a, rewards_b = ground_truth_reward(completions_a), ground_truth_reward(completions_b)
+    rewards_a, rewards_b = reward(completions_a), reward(completions_b)
     pairs = []
     for prompt, a, b, r_a, r_b in zip(prompts, completions_a, completions_b, rewards_a, rewards_b):
         if r_a == r_b or a == b or not a.strip() or not b.strip():  # a policy may stop at once: no completion
