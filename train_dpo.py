@@ -21,7 +21,7 @@ from utils.errors import ConfigError, NonFiniteError
 from utils.generation import sample_completions
 from utils.guards import NonFiniteGuard
 from utils.logprobs import model_logps
-from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, preference_loss, uses_reference
+from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, as_logged, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
 from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, load_model, load_tokenizer,
                             model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
@@ -163,7 +163,7 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
             logps, self.args.loss_type, self.args.loss_weights, beta=self.args.beta,
             label_smoothing=self.args.label_smoothing, simpo_gamma=self.args.simpo_gamma)
         loss = losses.mean()
-        shown = logps.per_token() if LOSSES[self.args.loss_type[0]].per_token else logps  # what the loss sees
+        shown = as_logged(logps, self.args.loss_type)  # what the first loss term sees
         metrics = {
             "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),

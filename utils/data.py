@@ -324,10 +324,10 @@ def with_row_index(raw: Dataset) -> Dataset:
     return raw.add_column("row_index", np.arange(len(raw)))
 
 
-def raw_parts(args: DataArguments) -> list[tuple[str, Source, Dataset]]:
+def raw_parts(args: DataArguments, mixture) -> list[tuple[str, Source, Dataset]]:
     """(role, source, rows with `row_index`) for every dataset split the run reads, role 'train' or 'test': the
-    train split and the test split where the source has one, or every part of a mixture (weights applied)."""
-    mixture = mixture_parts(args)
+    train split and the test split where the source has one, or every part of `mixture` (`mixture_parts`; weights
+    applied)."""
     if mixture is None:
         raw, jsonl_path = load_source(args.dataset_name, args.dataset_config, args)
         if args.dataset_train_split not in raw:
@@ -610,10 +610,10 @@ def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
 
     Each source split is prepared on its own, so that messages name the source, split and row; a mixture's parts
     are then concatenated and shuffled, and a test split held out (test_split_size, or eval_fraction) last."""
-    parts = {"train": [], "test": []}
-    for role, source, raw in raw_parts(args):
-        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source))
     mixture = mixture_parts(args)
+    parts = {"train": [], "test": []}
+    for role, source, raw in raw_parts(args, mixture):
+        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source))
     data = DatasetDict()
     for role, prepared in parts.items():
         if prepared:

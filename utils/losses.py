@@ -116,14 +116,22 @@ def preference_loss(logps: PairLogps, loss_types=("sigmoid",), loss_weights=None
                              **{flag: values[flag] for flag in spec.flags})
         terms[name] = term.mean().detach()
         losses = losses + weight * term
-    first = LOSSES[loss_types[0]]
-    shown = logps.per_token() if first.per_token else logps
-    if not first.uses_reference:  # SimPO's reward is beta times the policy's per-token mean log-prob
-        shown = replace(shown, ref_chosen=torch.zeros_like(shown.ref_chosen),
-                        ref_rejected=torch.zeros_like(shown.ref_rejected))
+    shown = as_logged(logps, loss_types)
     chosen_rewards = beta * (shown.policy_chosen - shown.ref_chosen).detach()
     rejected_rewards = beta * (shown.policy_rejected - shown.ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards, terms
+
+
+def as_logged(logps: PairLogps, loss_types) -> PairLogps:
+    """The log-probs as the first term of `loss_types` sees them, which the rewards and logged log-probs show:
+    per-token means where it averages over tokens, and no pi_ref where it reads none (SimPO's reward is beta times
+    the policy's per-token mean log-prob)."""
+    first = LOSSES[loss_types[0]]
+    shown = logps.per_token() if first.per_token else logps
+    if not first.uses_reference:
+        shown = replace(shown, ref_chosen=torch.zeros_like(shown.ref_chosen),
+                        ref_rejected=torch.zeros_like(shown.ref_rejected))
+    return shown
 
 
 def uses_reference(loss_types) -> bool:
