@@ -75,9 +75,9 @@ def test_first_batch_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, l
     ours.log({})  # what a logging step would write
     logged = ours.state.log_history[-1]
     assert abs(logged["rewards/margins"]) > 1e-5  # policy != reference: a real comparison
-    compared = ["aux_loss"]
-    if not LOSSES[loss_type[0]].per_token:  # TRL logs unaveraged rewards and log-probs; we log what the loss sees
-        compared += ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    # TRL's names mean TRL's quantities for every loss, per-token ones included (summed log-probs)
+    compared = ["aux_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    assert any(name.startswith("rewards_per_token/") for name in logged) == LOSSES[loss_type[0]].per_token
     for name in compared:
         assert logged[name] == pytest.approx(trl._metrics["train"][name][0], abs=1e-4), name
     our_loss.backward()
