@@ -71,6 +71,8 @@ class DPOArguments(TrainingArguments):
     # The non-finite guard (utils/guards.py) stops on such a loss; the Trainer's filter reads every step's loss on
     # the host, a device sync per step.
     logging_nan_inf_filter: bool = False
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's width up to a multiple of this (repeating shapes)."})
     logps_chunk_size: int = field(
         default=4096, metadata={"help": "Completion tokens per chunk through the output layer: bounds the logits' "
                                         "memory (4096 x 32k vocab x fp32 = 0.5 GB); beyond one chunk, each is "
@@ -122,7 +124,7 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     if args.simpo_gamma is not None and not readers["simpo_gamma"]:
         raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
                           "simpo")
-    for name in ("logps_chunk_size", "precompute_ref_batch_size"):
+    for name in ("logps_chunk_size", "precompute_ref_batch_size", "pad_to_multiple_of"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
     window = model_sliding_window(model_args)  # from the config alone: nothing is loaded yet
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # data; the trainer adds reference log-probs (cached, or scored once the engine has sharded the model)
     dataset = load_preference_data(data_args, tokenizer)
-    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free)
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free,
+                                  pad_to_multiple_of=args.pad_to_multiple_of)
 
     interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset["train"],

@@ -220,6 +220,22 @@ def test_bf16_flag_parses_like_the_trainers_other_bool_flags(flags, expected):
     assert args.bf16 is expected
 
 
+@pytest.mark.parametrize("units, flags, warned", [(False, ["--bf16"], True), (True, ["--bf16"], False),
+                                                  (None, ["--bf16"], False), (False, [], False)],
+                         ids=["no-units", "units", "unknown", "float32"])
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(units, flags, warned, monkeypatch, caplog):
+    from utils import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    precision.warn_slow_cpu_bf16.cache_clear()
+    for _ in range(2):  # a second parse (the scripts build their arguments more than once) does not warn again
+        parse_args((DPOArguments,), [*flags, "--use_cpu"])
+    messages = [record.getMessage() for record in caplog.records if "bf16 units" in record.getMessage()]
+    assert len(messages) == warned
+    assert not warned or "slower than float32" in messages[0] and "--bf16 false" in messages[0]
+    precision.warn_slow_cpu_bf16.cache_clear()
+
+
 @pytest.mark.parametrize("reference_flags", [["--precompute_ref_log_probs", "false"],
                                              ["--precompute_ref_log_probs", "false", "--use_peft"]],
                          ids=["frozen-copy", "lora-adapters-off"])

@@ -53,6 +53,9 @@ UNSUPPORTED = {
     "discopop_tau": "the discopop loss is not implemented (utils/losses.py LOSSES lists those that are)",
     "activation_offloading": "not implemented; activation_checkpointing is",
     "overwrite_output_dir": "removed in transformers 5; a run resumes only with resume_from_checkpoint",
+    "dataset_streaming": "the pairs are tokenised and the reference scored once, before training: no streaming",
+    "ignore_bias_buffers": "TRL's workaround that has DDP ignore boolean buffers is not implemented",
+    "pad_token": "deprecated in TRL 1.x; the tokenizer's pad token (or eos) is used",
 }
 
 
@@ -120,7 +123,7 @@ def unknown_names_error(names: list[str], known: set[str], kind: str, where: str
 
 def pop_config_path(argv: list[str]) -> str | None:
     """The YAML file's path, removed from `argv`: a leading positional file, or TRL's `--config FILE`."""
-    paths = [argv.pop(0)] if argv and argv[0].endswith((".yaml", ".yml")) else []
+    paths = [argv.pop(0)] if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-") else []
     for number, arg in reversed(list(enumerate(argv))):
         if arg == "--config":
             if number + 1 == len(argv):
