@@ -242,6 +242,8 @@ def test_trl_dpo_yaml_without_max_length_truncates_at_1024(tmp_path):
     for side in ("chosen", "rejected"):
         assert len(cut["prompt_input_ids"]) + len(cut[f"{side}_input_ids"]) == 1024
         assert len(short["prompt_input_ids"]) + len(short[f"{side}_input_ids"]) < 1024  # cut only where too long
+    with pytest.raises(ConfigError, match=r"max_length: null \(TRL: no truncation\) is not supported"):
+        parse_dpo([write_yaml(tmp_path, {"max_length": None})])
 
 
 @pytest.mark.parametrize("form", ["positional", "--config", "--config="])

@@ -179,6 +179,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(dataclass_types)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # for --help: read by pop_config_path
+                        help="A YAML file of options (TRL's spelling of the leading positional file).")
     aliases = add_alias_flags(parser)
     add_negative_flags(parser)
     config_path = pop_config_path(argv)
@@ -187,7 +189,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
         set_config_env(config.pop("env", {}), config_path)
         config = trl_mixture_as_dataset_mixture(config, config_path)
         config = resolve_aliases(config, aliases, config_path)
-        known = {action.dest for action in parser._actions}
+        known = {action.dest for action in parser._actions} - {"config"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise unknown_names_error(unknown, known, "key", f"{config_path}: ")

@@ -117,6 +117,9 @@ class DataArguments:
         self.dataset_mixer = _mapping(self.dataset_mixer, "dataset_mixer")
         if self.dataset_mixture is not None and self.dataset_mixer is not None:
             raise ConfigError("set one of dataset_mixture and dataset_mixer, not both")
+        if self.max_length is None:
+            raise ConfigError("max_length: null (TRL: no truncation) is not supported: give a length (TRL's default "
+                              "is 1024)")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
         mixture_parts(self)  # a mixture that cannot be read fails here, before any model is loaded
