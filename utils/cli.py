@@ -138,7 +138,7 @@ def pop_config_path(argv: list[str]) -> str | None:
 
 
 def set_config_env(env, config_path: str) -> None:
-    """A config file's `env:` mapping into the environment, before any argument is built (as TrlParser does; a
+    """A config file's `env:` mapping into the environment, before any argument is built, as TrlParser does (a
     variable a library reads when it is imported, e.g. OMP_NUM_THREADS or HF_HOME, belongs in the shell)."""
     if not isinstance(env, dict):
         raise ConfigError(f"{config_path}: env: expected a mapping of variable names to values, got "
