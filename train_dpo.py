@@ -21,7 +21,7 @@ from utils.errors import ConfigError, NonFiniteError
 from utils.generation import sample_completions
 from utils.guards import NonFiniteGuard
 from utils.logprobs import model_logps
-from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, as_logged, preference_loss, uses_reference
+from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, logged_metrics, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
 from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, load_model, load_tokenizer,
                             model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
@@ -60,8 +60,9 @@ class DPOArguments(TrainingArguments):
         default=None, metadata={"help": "Batch size of reference scoring; default 4x per_device_eval_batch_size."})
     ref_logps_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache of reference log-probs; default <HF_HOME>/dpo-ref-logps."})
-    router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the MoE load-balancing loss; default the model config's; 0: off."})
+    router_aux_loss_coef: float = field(
+        default=0.001, metadata={"help": "Weight of the MoE load-balancing loss (TRL's default, not the model "
+                                         "config's: docs/recipes.md); 0: off."})
     padding_free: bool | None = field(
         default=None, metadata={"help": "Pack each batch's sequences into one row: no compute on padding. Default: "
                                         "on where CUDA has a variable-length flash kernel (attention then costs "
@@ -70,6 +71,8 @@ class DPOArguments(TrainingArguments):
     # The non-finite guard (utils/guards.py) stops on such a loss; the Trainer's filter reads every step's loss on
     # the host, a device sync per step.
     logging_nan_inf_filter: bool = False
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad each batch's width up to a multiple of this (repeating shapes)."})
     logps_chunk_size: int = field(
         default=4096, metadata={"help": "Completion tokens per chunk through the output layer: bounds the logits' "
                                         "memory (4096 x 32k vocab x fp32 = 0.5 GB); beyond one chunk, each is "
@@ -121,7 +124,7 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     if args.simpo_gamma is not None and not readers["simpo_gamma"]:
         raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
                           "simpo")
-    for name in ("logps_chunk_size", "precompute_ref_batch_size"):
+    for name in ("logps_chunk_size", "precompute_ref_batch_size", "pad_to_multiple_of"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
     window = model_sliding_window(model_args)  # from the config alone: nothing is loaded yet
@@ -144,9 +147,7 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
                          **kwargs)
         # compute_loss returns a per-pair mean, so the Trainer must average it over accumulation steps
         self.model_accepts_loss_kwargs = False
-        router_coef = getattr(self.model.config, "router_aux_loss_coef", 0.0)
-        self.router_aux_loss_coef = self.args.router_aux_loss_coef if self.args.router_aux_loss_coef is not None \
-            else router_coef
+        self.router_aux_loss_coef = self.args.router_aux_loss_coef
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
         self.metrics = DeviceMetrics(self.accelerator)
 
@@ -159,17 +160,11 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
         chosen_tokens, rejected_tokens = policy.num_tokens.chunk(2)
         logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                           chosen_tokens, rejected_tokens)
-        losses, chosen_rewards, rejected_rewards, terms = preference_loss(
+        losses, _, _, terms = preference_loss(
             logps, self.args.loss_type, self.args.loss_weights, beta=self.args.beta,
             label_smoothing=self.args.label_smoothing, simpo_gamma=self.args.simpo_gamma)
         loss = losses.mean()
-        shown = as_logged(logps, self.args.loss_type)  # what the first loss term sees
-        metrics = {
-            "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": shown.policy_chosen.detach(), "logps/rejected": shown.policy_rejected.detach(),
-        }
+        metrics = logged_metrics(logps, self.args.loss_type, self.args.beta)  # TRL's names mean TRL's quantities
         if "sft" in terms:
             metrics["nll_loss"] = terms["sft"]
         if self.use_router_aux_loss:
@@ -228,7 +223,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # data; the trainer adds reference log-probs (cached, or scored once the engine has sharded the model)
     dataset = load_preference_data(data_args, tokenizer)
-    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free)
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_free=args.padding_free,
+                                  pad_to_multiple_of=args.pad_to_multiple_of)
 
     interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset["train"],

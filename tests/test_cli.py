@@ -3,9 +3,11 @@ error naming it; a YAML file then flags (flags win), unknown keys and flags, val
 combinations and config files that cannot work; --log_level reaches the libraries; run_script's one-line errors (exit
 status 2, no traceback)."""
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from helpers import subprocess_env, tiny_run_args
 from train_dpo import DPOArguments
 from utils import modeling
 from utils.cli import parse_args, run_script, setup_logging
-from utils.data import DataArguments
+from utils.data import DataArguments, load_preference_data
 from utils.errors import ConfigError, DataError, NonFiniteError
 from utils.modeling import ModelArguments
 
@@ -122,7 +124,7 @@ def test_handbook_full_recipe_parses_every_non_data_key(tmp_path):
     recipe = without_data_keys(RECIPES / "zephyr_7b_beta_dpo_full.yaml")
     parsed = parse_dpo([write_yaml(tmp_path, recipe), "--use_cpu", "true"])  # its bf16: true needs a GPU or this
     assert_recipe_parses_to_its_values(parsed, recipe, {
-        "torch_dtype": "auto",  # null: transformers 5's from_pretrained default, the checkpoint's own dtype
+        "torch_dtype": "float32",  # null: transformers 4's from_pretrained default, which the recipe was written for
         "warmup_ratio": 0.1,  # a warmup_steps below 1 is a fraction of the run
         "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}})
     model_args, _, args = parsed
@@ -178,6 +180,138 @@ def test_recipe_trains_here_with_warmup_as_a_ratio(recipe, peft, tmp_path):
     assert factors == [step / warmup for step in range(warmup)] + [1.0]  # linear up to the peak at step `warmup`
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     assert unwrapped.is_gradient_checkpointing == bool(trainer.args.activation_checkpointing)
+
+
+# ------------------------------------------------------------------------------------- TRL's defaults and CLI
+
+# Where our defaults differ from TRL 1.12's on purpose (docs/recipes.md lists each with its reason); none changes the
+# math of what is trained: the toy run's defaults, speed, memory and logging.
+DEFAULTS_NOT_TRLS = {
+    "model_name_or_path": "the toy preset (TRL requires a model)",
+    "dataset_name": "the built-in toy task (TRL requires data)",
+    "output_dir": "outputs/dpo (TRL: trainer_output)",
+    "bf16": "on where CUDA supports it (TRL: on everywhere; bf16 on a CPU without bf16 units is ~100x slower)",
+    "activation_checkpointing": "off: speed (TRL: on)",
+    "gradient_checkpointing": "off: speed (TRL: on; transformers' alias of activation_checkpointing)",
+    "padding_free": "None: decided by check_arguments, on where CUDA has a variable-length kernel: speed, the "
+                    "same log-probs (TRL: off)",
+    "precompute_ref_log_probs": "on: the reference is scored once and cached, the same log-probs (TRL: off)",
+    "remove_unused_columns": "off: the collator reads the token-id columns (TRL's trainer keeps them too)",
+    "logging_nan_inf_filter": "off: the non-finite guard stops the run instead (TRL: on)",
+}
+
+
+def test_defaults_are_trls_key_by_key_but_for_the_stated_exceptions():
+    """Every option TRL's `trl dpo` reads (DPOConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig) that we
+    have defaults as the installed TRL's does, as resolved after __post_init__ (use_cpu on both, so that the bf16
+    defaults compare alike on any machine; TRL's refuses a CPU otherwise); every other one of its options is read
+    under another name or refused by name."""
+    from trl import DatasetMixtureConfig, DPOConfig, ModelConfig, ScriptArguments
+
+    from utils.cli import ALIASES, TRL_MIXTURE_KEYS, UNSUPPORTED
+
+    ours = [ModelArguments(), DataArguments(), DPOArguments(use_cpu=True)]
+    theirs = [ModelConfig(), ScriptArguments(), DatasetMixtureConfig(), DPOConfig(use_cpu=True)]
+    differ, compared, unread = {}, 0, []
+    for config in theirs:
+        for field in dataclasses.fields(config):
+            if not field.init:
+                continue
+            mine = [args for args in ours if hasattr(args, field.name)]
+            if not mine:
+                unread.append(field.name)
+                continue
+            compared += 1
+            if getattr(mine[0], field.name) != getattr(config, field.name):
+                differ[field.name] = (getattr(mine[0], field.name), getattr(config, field.name))
+    assert compared > 100  # TrainingArguments' fields included
+    assert set(differ) == set(DEFAULTS_NOT_TRLS), differ  # and the list of exceptions is not stale
+    assert DataArguments().max_length == DPOConfig(use_cpu=True).max_length == 1024
+    elsewhere = set(ALIASES) | set(UNSUPPORTED) | set(TRL_MIXTURE_KEYS)
+    assert set(unread) <= elsewhere, sorted(set(unread) - elsewhere)
+
+
+def test_trl_dpo_yaml_without_max_length_truncates_at_1024(tmp_path):
+    """TRL's own LoRA YAML sets no max_length: the pairs are cut at TRL's 1024 tokens here too."""
+    long = {"prompt": "the film was " * 300, "chosen": " good" * 1500, "rejected": " bad" * 1500}
+    pairs = tmp_path / "long.jsonl"
+    pairs.write_text(json.dumps(long) + "\n" + json.dumps(GOOD) + "\n")
+    model_args, data_args, _ = parse_dpo([str(RECIPES / "trl_dpo_lora.yaml"), "--dataset_name", str(pairs)])
+    assert data_args.max_length == 1024
+    cut, short = load_preference_data(data_args, modeling.load_tokenizer(model_args))["train"]
+    for side in ("chosen", "rejected"):
+        assert len(cut["prompt_input_ids"]) + len(cut[f"{side}_input_ids"]) == 1024
+        assert len(short["prompt_input_ids"]) + len(short[f"{side}_input_ids"]) < 1024  # cut only where too long
+    with pytest.raises(ConfigError, match=r"max_length: null \(TRL: no truncation\) is not supported"):
+        parse_dpo([write_yaml(tmp_path, {"max_length": None})])
+
+
+@pytest.mark.parametrize("form", ["positional", "--config", "--config="])
+def test_config_flag_reads_the_file_as_the_positional_one_does(form, tmp_path):
+    config = write_yaml(tmp_path, {"beta": 0.3, "lora_r": 4, "max_length": 64})
+    argv = {"positional": [config], "--config": ["--lora_r", "8", "--config", config],
+            "--config=": [f"--config={config}", "--lora_r", "8"]}[form]
+    model_args, data_args, args = parse_dpo([*argv, "--output_dir", str(tmp_path)])
+    assert (args.beta, data_args.max_length) == (0.3, 64)
+    assert model_args.lora_r == (4 if form == "positional" else 8)  # flags win, before or after --config
+    with pytest.raises(ConfigError, match="two config files given"):
+        parse_dpo([config, "--config", config])
+    with pytest.raises(ConfigError, match="--config needs a YAML file"):
+        parse_dpo(["--config"])
+
+
+def test_env_block_sets_the_environment_before_the_arguments_are_built(tmp_path, monkeypatch):
+    monkeypatch.delenv("DPO_TEST_ENV", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: os.environ.get("CUDA_VISIBLE_DEVICES") != "")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    config = write_yaml(tmp_path, {"env": {"DPO_TEST_ENV": 7, "CUDA_VISIBLE_DEVICES": ""}, "beta": 0.2})
+    (args,) = parse_args((DPOArguments,), ["--config", config, "--output_dir", str(tmp_path)])
+    assert os.environ["DPO_TEST_ENV"] == "7" and args.beta == 0.2
+    assert args.bf16 is False  # the bf16 default read CUDA_VISIBLE_DEVICES as the env block set it
+    with pytest.raises(ConfigError, match=r"env: expected a mapping"):
+        parse_args((DPOArguments,), [write_yaml(tmp_path, {"env": ["A=1"]})])
+
+
+@pytest.mark.parametrize("flag, in_yaml", [("remove_unused_columns", None), ("use_peft", True), ("bf16", True),
+                                           ("disable_dropout", None), ("reference_free", True)])
+def test_no_flag_for_every_boolean_whatever_its_default(flag, in_yaml, tmp_path):
+    """TRL's docs write --no_remove_unused_columns; HfArgumentParser makes --no_ flags only for true defaults."""
+    argv = [write_yaml(tmp_path, {flag: in_yaml})] if in_yaml is not None else []
+    parsed = parse_dpo([*argv, f"--no_{flag}", "--output_dir", str(tmp_path), "--use_cpu", "true"])
+    assert attribute(parsed, flag) is False
+
+
+def write_pairs(path: Path, prompts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": " good.", "rejected": " bad."}) + "\n"
+                            for p in prompts))
+    return str(path)
+
+
+def test_trl_datasets_mixture_selects_the_rows_trls_get_dataset_selects(tmp_path):
+    """TRL's top-level `datasets:` list (its DatasetMixtureConfig), `fraction`s as TRL's shares of the mixture; the
+    rows equal those of trl's own get_dataset on the same files."""
+    from trl import DatasetMixtureConfig, get_dataset
+
+    first = write_pairs(tmp_path / "first.jsonl", [f"first {i}" for i in range(10)])
+    second = write_pairs(tmp_path / "second.jsonl", [f"second {i}" for i in range(4)])
+    entries = [{"path": "json", "data_files": first, "fraction": 0.75},
+               {"path": second, "fraction": 0.25, "columns": ["prompt", "chosen", "rejected"]}]
+    config = write_yaml(tmp_path, {"datasets": entries, "test_split_size": 2, "max_length": 64})
+    model_args, data_args, _ = parse_dpo(["--config", config, "--output_dir", str(tmp_path)])
+    data = load_preference_data(data_args, modeling.load_tokenizer(model_args))
+    ours = sorted(row["prompt"] for split in data.values() for row in split)
+    theirs = get_dataset(DatasetMixtureConfig(datasets=[{**entries[0]}, {**entries[1], "path": "json",
+                                                                          "data_files": second}]))
+    assert len(data["test"]) == 2
+    assert ours == sorted(row["prompt"] for split in theirs.values() for row in split)
+    assert sum(prompt.startswith("second") for prompt in ours) == 3  # 0.25 of the largest mixture: 12 rows
+    with pytest.raises(ConfigError, match=r"set fraction for every dataset .* or for none"):
+        parse_dpo([write_yaml(tmp_path, {"datasets": [entries[0], {"path": second}]})])
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: .*unexpected keyword argument 'weight'"):
+        parse_dpo([write_yaml(tmp_path, {"datasets": [{"path": second, "weight": 0.5}]})])
+    with pytest.raises(ConfigError, match=r"streaming is not supported"):
+        parse_dpo([write_yaml(tmp_path, {"datasets": [{"path": second}], "streaming": True})])
 
 
 # ---------------------------------------------------------------------------------------------- aliases
@@ -299,8 +433,8 @@ def test_yaml_value_outside_choices_is_rejected(tmp_path):
 
 
 def test_unknown_flag_is_rejected_with_the_closest_valid_one():
-    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--no_such_flag'\]; see --help"):
-        parse_args((ModelArguments,), ["--no_such_flag", "1"])
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['--zzz_flag'\]; see --help"):
+        parse_args((ModelArguments,), ["--zzz_flag", "1"])
     with pytest.raises(ConfigError, match=r"\['--max_lenght=64'\] \(did you mean --max_length\?\)"):
         parse_args((ModelArguments, DataArguments), ["--max_lenght=64"])
 

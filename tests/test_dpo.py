@@ -75,9 +75,9 @@ def test_first_batch_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, l
     ours.log({})  # what a logging step would write
     logged = ours.state.log_history[-1]
     assert abs(logged["rewards/margins"]) > 1e-5  # policy != reference: a real comparison
-    compared = ["aux_loss"]
-    if not LOSSES[loss_type[0]].per_token:  # TRL logs unaveraged rewards and log-probs; we log what the loss sees
-        compared += ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    # TRL's names mean TRL's quantities for every loss, per-token ones included (summed log-probs)
+    compared = ["aux_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    assert any(name.startswith("rewards_per_token/") for name in logged) == LOSSES[loss_type[0]].per_token
     for name in compared:
         assert logged[name] == pytest.approx(trl._metrics["train"][name][0], abs=1e-4), name
     our_loss.backward()
@@ -218,6 +218,22 @@ def test_padding_free_gives_the_padded_loss_and_gradients(tmp_path, attention):
 def test_bf16_flag_parses_like_the_trainers_other_bool_flags(flags, expected):
     (args,) = parse_args((DPOArguments,), [*flags, "--use_cpu"])
     assert args.bf16 is expected
+
+
+@pytest.mark.parametrize("units, flags, warned", [(False, ["--bf16"], True), (True, ["--bf16"], False),
+                                                  (None, ["--bf16"], False), (False, [], False)],
+                         ids=["no-units", "units", "unknown", "float32"])
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(units, flags, warned, monkeypatch, caplog):
+    from utils import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: units)
+    precision.warn_slow_cpu_bf16.cache_clear()
+    for _ in range(2):  # a second parse (the scripts build their arguments more than once) does not warn again
+        parse_args((DPOArguments,), [*flags, "--use_cpu"])
+    messages = [record.getMessage() for record in caplog.records if "bf16 units" in record.getMessage()]
+    assert len(messages) == warned
+    assert not warned or "slower than float32" in messages[0] and "--bf16 false" in messages[0]
+    precision.warn_slow_cpu_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("reference_flags", [["--precompute_ref_log_probs", "false"],

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from utils.losses import LOSSES, PairLogps, loss_table, preference_loss
+from utils.losses import LOSSES, PairLogps, logged_metrics, loss_table, preference_loss
 
 
 def _random_logps(n=16, seed=0) -> PairLogps:
@@ -142,6 +142,29 @@ def test_per_token_losses_divide_each_sides_gradient_by_its_length(loss_type, be
     torch.testing.assert_close(logps.policy_chosen.grad, dloss_dmean / logps.chosen_tokens, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(logps.policy_rejected.grad, -dloss_dmean / logps.rejected_tokens, rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_logged_metrics_keep_trl_names_for_sums_and_name_per_token_means_apart(loss_type):
+    """rewards/* and logps/* are TRL's (summed log-probs) for every loss; a loss that averages over tokens adds what it
+    sees as rewards_per_token/* and logps_per_token/*; pi_ref counts only where the loss reads one."""
+    logps, beta = _random_logps(seed=7), 0.3
+    logps.policy_chosen.requires_grad_(True)
+    metrics = logged_metrics(logps, [loss_type], beta)
+    ref = float(LOSSES[loss_type].uses_reference)
+    views = {"": (1.0, 1.0)}
+    if LOSSES[loss_type].per_token:
+        views["_per_token"] = (logps.chosen_tokens, logps.rejected_tokens)
+    for suffix, (n_chosen, n_rejected) in views.items():
+        chosen = beta * (logps.policy_chosen - ref * logps.ref_chosen) / n_chosen
+        rejected = beta * (logps.policy_rejected - ref * logps.ref_rejected) / n_rejected
+        torch.testing.assert_close(metrics[f"rewards{suffix}/chosen"], chosen.detach())
+        torch.testing.assert_close(metrics[f"rewards{suffix}/rejected"], rejected.detach())
+        torch.testing.assert_close(metrics[f"rewards{suffix}/margins"], (chosen - rejected).detach())
+        torch.testing.assert_close(metrics[f"rewards{suffix}/accuracies"], (chosen > rejected).float())
+        torch.testing.assert_close(metrics[f"logps{suffix}/chosen"], (logps.policy_chosen / n_chosen).detach())
+        torch.testing.assert_close(metrics[f"logps{suffix}/rejected"], logps.policy_rejected / n_rejected)
+    assert len(metrics) == 6 * len(views) and not any(value.requires_grad for value in metrics.values())
 
 
 def test_rewards_are_detached_and_loss_is_not():

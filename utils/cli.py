@@ -1,14 +1,19 @@
-"""Arguments: `python script.py [config.yaml] [--flag value ...]`, flags overriding the YAML file."""
+"""Arguments: `python script.py [config.yaml | --config config.yaml] [--flag value ...]`, flags overriding the YAML
+file, as TRL's `trl dpo --config` reads them (its `env:` block and `datasets:` mixture included)."""
 
 import argparse
+import dataclasses
 import difflib
 import logging
+import os
 import sys
+import typing
 
 import datasets
 import transformers
 import yaml
-from transformers import HfArgumentParser
+from trl import TrlParser
+from trl.scripts.utils import DatasetMixtureConfig
 
 from utils.errors import ConfigError, DataError, NonFiniteError
 
@@ -25,7 +30,8 @@ def warmup_ratio_as_steps(value) -> float:
 # Public recipes' names for our options (alignment-handbook's, TRL's before its 1.x renames, transformers 4's):
 # {recipe name: (our name, its value in our terms)}. Either name works in a YAML file and as a flag.
 ALIASES = {
-    "torch_dtype": ("dtype", lambda value: "auto" if value is None else value),  # null: transformers 5's default
+    # null: from_pretrained's default when the recipes were written (transformers 4), float32, as TRL's ModelConfig
+    "torch_dtype": ("dtype", lambda value: "float32" if value is None else value),
     "warmup_ratio": ("warmup_steps", warmup_ratio_as_steps),
     "evaluation_strategy": ("eval_strategy", None),
     "preprocessing_num_workers": ("dataset_num_proc", None),
@@ -47,6 +53,9 @@ UNSUPPORTED = {
     "discopop_tau": "the discopop loss is not implemented (utils/losses.py LOSSES lists those that are)",
     "activation_offloading": "not implemented; activation_checkpointing is",
     "overwrite_output_dir": "removed in transformers 5; a run resumes only with resume_from_checkpoint",
+    "dataset_streaming": "the pairs are tokenised and the reference scored once, before training: no streaming",
+    "ignore_bias_buffers": "TRL's workaround that has DDP ignore boolean buffers is not implemented",
+    "pad_token": "deprecated in TRL 1.x; the tokenizer's pad token (or eos) is used",
 }
 
 
@@ -55,7 +64,19 @@ def bare_name(arg: str) -> str:
     return arg.split("=")[0].lstrip("-").replace("-", "_")
 
 
-def add_alias_flags(parser: HfArgumentParser) -> dict:
+def add_negative_flags(parser: TrlParser) -> None:
+    """--no_<flag> for every boolean option, whatever its default: HfArgumentParser makes one only for options that
+    default to true, and TRL's docs write e.g. --no_remove_unused_columns, which defaults to false here."""
+    options = {option for action in parser._actions for option in action.option_strings}
+    for dataclass_type in parser.dataclass_types:
+        types = typing.get_type_hints(dataclass_type)
+        for field in dataclasses.fields(dataclass_type):
+            if field.init and types[field.name] in (bool, bool | None) and f"--no_{field.name}" not in options:
+                parser.add_argument(f"--no_{field.name}", action="store_false", dest=field.name,
+                                    default=argparse.SUPPRESS, help=f"Set --{field.name} false.")
+
+
+def add_alias_flags(parser: TrlParser) -> dict:
     """Add --<alias> flags writing to their options (where this parser has the option and not the alias itself);
     returns {alias: (option, convert)} for those."""
     actions = {action.dest: action for action in parser._actions}
@@ -100,20 +121,75 @@ def unknown_names_error(names: list[str], known: set[str], kind: str, where: str
     return ConfigError(where + "; ".join(parts))
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None):
-    """Parse dataclasses from an optional leading YAML file plus flags.
+def pop_config_path(argv: list[str]) -> str | None:
+    """The YAML file's path, removed from `argv`: a leading positional file, or TRL's `--config FILE`."""
+    paths = [argv.pop(0)] if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-") else []
+    for number, arg in reversed(list(enumerate(argv))):
+        if arg == "--config":
+            if number + 1 == len(argv):
+                raise ConfigError("--config needs a YAML file")
+            paths.append(argv.pop(number + 1))
+            argv.pop(number)
+        elif arg.startswith("--config="):
+            paths.append(argv.pop(number).split("=", 1)[1])
+    if len(paths) > 1:
+        raise ConfigError(f"two config files given ({' and '.join(paths)}): give one")
+    return paths[0] if paths else None
 
-    HfArgumentParser reads a YAML file or flags, not both; we load the file as parser defaults so that
-    flags win, and reject keys that no dataclass defines instead of ignoring a typo. Recipes' names for our
+
+def set_config_env(env, config_path: str) -> None:
+    """A config file's `env:` mapping into the environment, before any argument is built, as TrlParser does (a
+    variable a library reads when it is imported, e.g. OMP_NUM_THREADS or HF_HOME, belongs in the shell)."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"{config_path}: env: expected a mapping of variable names to values, got "
+                          f"{type(env).__name__}")
+    for name, value in env.items():
+        os.environ[str(name)] = str(value)
+
+
+# TRL's dataset mixture (trl's DatasetMixtureConfig: `datasets:`, `streaming:`, `test_split_size:` at the top level)
+TRL_MIXTURE_KEYS = tuple(field.name for field in dataclasses.fields(DatasetMixtureConfig))
+
+
+def trl_mixture_as_dataset_mixture(config: dict, config_path: str) -> dict:
+    """`config` with TRL's top-level mixture keys moved into `dataset_mixture`, which utils/data.py reads (each
+    `datasets` entry there as TRL's DatasetConfig: path, name, split, columns, fraction)."""
+    given = [key for key in TRL_MIXTURE_KEYS if key in config]
+    if not given:
+        return config
+    config = dict(config)
+    mixture = {key: config.pop(key) for key in given}
+    if "dataset_mixture" in config:
+        raise ConfigError(f"{config_path}: {', '.join(given)} (TRL's mixture) and dataset_mixture both given: give "
+                          f"one")
+    if mixture.pop("streaming", False):
+        raise ConfigError(f"{config_path}: streaming is not supported: the pairs are tokenised and the reference "
+                          f"scored once, before training")
+    config["dataset_mixture"] = mixture
+    return config
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None):
+    """Parse dataclasses from an optional YAML file (leading, or TRL's `--config FILE`) plus flags.
+
+    The file's keys become TrlParser's defaults, so that flags win; its `env:` block is set first. We do not call
+    TrlParser.parse_args_and_config, which passes unknown keys on as strings and a missing or invalid file as a
+    traceback: keys that no dataclass defines are rejected instead of ignoring a typo. Recipes' names for our
     options (ALIASES) are read as ours; options we do not implement (UNSUPPORTED) are refused by name.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = TrlParser(dataclass_types)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",  # for --help: read by pop_config_path
+                        help="A YAML file of options (TRL's spelling of the leading positional file).")
     aliases = add_alias_flags(parser)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        config_path = argv.pop(0)
-        config = resolve_aliases(read_config(config_path), aliases, config_path)
-        known = {action.dest for action in parser._actions}
+    add_negative_flags(parser)
+    config_path = pop_config_path(argv)
+    if config_path is not None:
+        config = read_config(config_path)
+        set_config_env(config.pop("env", {}), config_path)
+        config = trl_mixture_as_dataset_mixture(config, config_path)
+        config = resolve_aliases(config, aliases, config_path)
+        known = {action.dest for action in parser._actions} - {"config"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise unknown_names_error(unknown, known, "key", f"{config_path}: ")
@@ -125,7 +201,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None):
                 if value not in action.choices:
                     raise ConfigError(f"{config_path}: {action.dest}: invalid choice {value!r} "
                                       f"(choose from {list(action.choices)})")
-        parser.set_defaults(**config)
+        parser.set_defaults_with_config(**config)
     given = {bare_name(arg) for arg in argv if arg.startswith("--")}
     for alias, (dest, _) in aliases.items():
         if {alias, dest} <= given:

@@ -19,12 +19,13 @@ import functools
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import datasets
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
+from trl.scripts.utils import DatasetConfig
 
 from utils import toy_task
 from utils.errors import ConfigError, DataError
@@ -88,7 +89,7 @@ class DataArguments:
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
     chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred completion."})
     rejected_column: str = field(default="rejected", metadata={"help": "Column holding the other completion."})
-    max_length: int = field(default=256, metadata={"help": "Max tokens of prompt + completion."})
+    max_length: int = field(default=1024, metadata={"help": "Max tokens of prompt + completion (TRL's default)."})
     max_prompt_length: int | None = field(
         default=None,
         metadata={"help": "Cut prompts from the left to this many tokens (bos kept and counted) before fitting "
@@ -116,6 +117,9 @@ class DataArguments:
         self.dataset_mixer = _mapping(self.dataset_mixer, "dataset_mixer")
         if self.dataset_mixture is not None and self.dataset_mixer is not None:
             raise ConfigError("set one of dataset_mixture and dataset_mixer, not both")
+        if self.max_length is None:
+            raise ConfigError("max_length: null (TRL: no truncation) is not supported: give a length (TRL's default "
+                              "is 1024)")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ConfigError(f"--max_prompt_length must be >= 1, got {self.max_prompt_length}")
         mixture_parts(self)  # a mixture that cannot be read fails here, before any model is loaded
@@ -146,22 +150,36 @@ class MixturePart:
     weight: float | None = None
     columns: tuple[str, ...] | None = None
     shuffle_seed: int | None = None
+    share: float | None = None  # TRL's `fraction`: this part's share of the mixture (apply_shares)
 
 
 def mixture_parts(args: DataArguments) -> tuple[list[MixturePart], int, float | int | None] | None:
     """(parts, seed of the mixed splits' shuffle, test_split_size) as alignment-handbook reads its mixture keys,
-    or None without a mixture. A malformed mixture is a ConfigError naming the dataset id."""
+    or None without a mixture. A malformed mixture is a ConfigError naming the dataset id. Entries with a `path`
+    are TRL's DatasetConfig (a YAML's top-level `datasets:`, utils/cli.py): `trl_mixture_part`."""
     if args.dataset_mixture is not None:
         mixture = args.dataset_mixture
         _check_keys(mixture, MIXTURE_KEYS, "dataset_mixture")
         entries = mixture.get("datasets")
         if not isinstance(entries, list) or not entries:
             raise ConfigError("dataset_mixture: 'datasets' must be a non-empty list of {id, config, split, columns, "
-                              "weight}")
+                              "weight}, or TRL's {path, name, split, columns, fraction}")
         seed = mixture.get("seed", 0)
         if not isinstance(seed, int):
             raise ConfigError(f"dataset_mixture: seed must be an integer, got {seed!r}")
         parts = []
+        trl_entries = [isinstance(entry, dict) and "path" in entry for entry in entries]
+        if any(trl_entries):
+            if not all(trl_entries):
+                raise ConfigError("dataset_mixture: give every dataset in one form: TRL's {path, ...} or "
+                                  "alignment-handbook's {id, ...}")
+            parts = [trl_mixture_part(entry, number) for number, entry in enumerate(entries)]
+            shares = [part.share for part in parts]
+            if None in shares and any(share is not None for share in shares):
+                raise ConfigError("datasets: set fraction for every dataset in the mixture or for none (as TRL)")
+            if None not in shares and sum(shares) <= 0:
+                raise ConfigError(f"datasets: the fractions {shares} must not all be 0")
+            entries = []  # every part is read
         for number, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 raise ConfigError(f"dataset_mixture: datasets[{number}] must be a mapping with a string 'id'")
@@ -194,6 +212,42 @@ def mixture_parts(args: DataArguments) -> tuple[list[MixturePart], int, float | 
                 parts.append(MixturePart(name, config, split, role, weight))
         return parts, MIXER_SEED, None
     return None
+
+
+def trl_mixture_part(entry: dict, number: int) -> MixturePart:
+    """One entry of TRL's `datasets:` list, read by TRL's own DatasetConfig, as a part. `fraction` is TRL's share of
+    the mixture; a generic builder with one local file (`path: json, data_files: pairs.jsonl`) reads that file."""
+    try:
+        dataset = DatasetConfig(**entry)
+    except TypeError as error:  # an unknown or missing key
+        raise ConfigError(f"datasets[{number}]: {error}; TRL's DatasetConfig has "
+                          f"{[f.name for f in fields(DatasetConfig)]}") from None
+    where = f"datasets: {dataset.path}"
+    source = dataset.path
+    if dataset.data_files is not None:
+        if dataset.path not in LOCAL_FILE_TYPES.values() or not isinstance(dataset.data_files, str):
+            raise ConfigError(f"{where}: data_files is read only as one local file with path "
+                              f"{sorted(set(LOCAL_FILE_TYPES.values()))}; give a file or folder as path instead")
+        source = dataset.data_files
+    if dataset.data_dir is not None:
+        raise ConfigError(f"{where}: data_dir is not supported; give the folder as path")
+    if dataset.columns is not None and not (isinstance(dataset.columns, list)
+                                            and all(isinstance(c, str) for c in dataset.columns)):
+        raise ConfigError(f"{where}: columns must be a list of column names, got {dataset.columns!r}")
+    share = dataset.fraction
+    if share is not None and (isinstance(share, bool) or not isinstance(share, int | float) or share < 0):
+        raise ConfigError(f"{where}: fraction must be a share >= 0, got {share!r}")
+    return MixturePart(source, dataset.name, dataset.split, "train",
+                       columns=tuple(dataset.columns) if dataset.columns else None, share=share)
+
+
+def apply_shares(parts: list[tuple[str, "Source", Dataset]], shares: list[float]) -> list:
+    """TRL's `fraction`s (trl.scripts.utils.get_dataset): shares normalised to sum to one, the mixture as large as
+    it can be without repeating a row, and each part's first round(share x size) rows."""
+    weights = [share / sum(shares) for share in shares]
+    total = min(len(rows) / weight for (_, _, rows), weight in zip(parts, weights) if weight > 0)
+    return [(role, source, rows.select(range(round(weight * total))))
+            for (role, source, rows), weight in zip(parts, weights)]
 
 
 def _check_keys(mapping: dict, known: tuple[str, ...], where: str) -> None:
@@ -352,7 +406,8 @@ def raw_parts(args: DataArguments, mixture) -> list[tuple[str, Source, Dataset]]
                 rows = rows.shuffle(seed=part.shuffle_seed)
             rows = rows.select(range(int(part.weight * len(rows))))
         parts.append((part.role, source, rows))
-    return parts
+    shares = [part.share for part in mixture[0]]
+    return apply_shares(parts, shares) if None not in shares else parts
 
 
 # ------------------------------------------------------------------------------------------ normalise

@@ -116,22 +116,43 @@ def preference_loss(logps: PairLogps, loss_types=("sigmoid",), loss_weights=None
                              **{flag: values[flag] for flag in spec.flags})
         terms[name] = term.mean().detach()
         losses = losses + weight * term
-    shown = as_logged(logps, loss_types)
-    chosen_rewards = beta * (shown.policy_chosen - shown.ref_chosen).detach()
-    rejected_rewards = beta * (shown.policy_rejected - shown.ref_rejected).detach()
+    chosen_rewards, rejected_rewards = implicit_rewards(as_logged(logps, loss_types), beta)
     return losses, chosen_rewards, rejected_rewards, terms
 
 
-def as_logged(logps: PairLogps, loss_types) -> PairLogps:
-    """The log-probs as the first term of `loss_types` sees them, which the rewards and logged log-probs show:
-    per-token means where it averages over tokens, and no pi_ref where it reads none (SimPO's reward is beta times
-    the policy's per-token mean log-prob)."""
+def implicit_rewards(shown: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """beta * (log pi - log pi_ref) of the chosen and the rejected completions, detached."""
+    return (beta * (shown.policy_chosen - shown.ref_chosen).detach(),
+            beta * (shown.policy_rejected - shown.ref_rejected).detach())
+
+
+def as_logged(logps: PairLogps, loss_types, per_token: bool | None = None) -> PairLogps:
+    """The log-probs as the first term of `loss_types` sees them (`per_token` None), or summed (False) or averaged
+    over each completion's tokens (True): no pi_ref where that term reads none (SimPO's reward is beta times the
+    policy's log-prob)."""
     first = LOSSES[loss_types[0]]
-    shown = logps.per_token() if first.per_token else logps
+    shown = logps.per_token() if (first.per_token if per_token is None else per_token) else logps
     if not first.uses_reference:
         shown = replace(shown, ref_chosen=torch.zeros_like(shown.ref_chosen),
                         ref_rejected=torch.zeros_like(shown.ref_rejected))
     return shown
+
+
+def logged_metrics(logps: PairLogps, loss_types, beta: float) -> dict[str, torch.Tensor]:
+    """Per pair, detached: `rewards/*` and `logps/*` from summed log-probs, as TRL 1.12 logs them whatever the loss;
+    where the first term of `loss_types` averages over tokens, the same from per-token means, which that loss sees,
+    as `rewards_per_token/*` and `logps_per_token/*`. So a dashboard key means one thing for every loss."""
+    views = {"": False, "_per_token": True} if LOSSES[loss_types[0]].per_token else {"": False}
+    metrics = {}
+    for suffix, per_token in views.items():
+        shown = as_logged(logps, loss_types, per_token)
+        chosen, rejected = implicit_rewards(shown, beta)
+        metrics.update({f"rewards{suffix}/chosen": chosen, f"rewards{suffix}/rejected": rejected,
+                        f"rewards{suffix}/accuracies": (chosen > rejected).float(),
+                        f"rewards{suffix}/margins": chosen - rejected,
+                        f"logps{suffix}/chosen": shown.policy_chosen.detach(),
+                        f"logps{suffix}/rejected": shown.policy_rejected.detach()})
+    return metrics
 
 
 def uses_reference(loss_types) -> bool:

@@ -65,9 +65,10 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
     model_init_seed: int = field(default=0, metadata={"help": "Seed of a preset's random initial weights."})
     dtype: str = field(
-        default="auto",
-        metadata={"help": "Weights' dtype: auto (float32 for presets, the checkpoint's own otherwise), float32, "
-                          "bfloat16 or float16 (recipes' torch_dtype is read as this).",
+        default="float32",
+        metadata={"help": "Weights' dtype: float32 (TRL's default: with --bf16, float32 master weights under bf16 "
+                          "autocast), bfloat16, float16, or auto (float32 for presets, the checkpoint's own "
+                          "otherwise). Recipes' torch_dtype is read as this.",
                   "choices": ["auto", "float32", "bfloat16", "float16"]})
     attn_implementation: str | None = field(
         default=None,
