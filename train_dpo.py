@@ -18,14 +18,14 @@ from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.errors import ConfigError, NonFiniteError
+from utils.families import check_model_family, packing_unfit
 from utils.generation import sample_completions
 from utils.guards import FirstBatchChecks, NonFiniteGuard
 from utils.logprobs import model_logps
 from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, as_logged, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
-from utils.families import check_model_family
-from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, causal_lm_class, load_model,
-                            load_tokenizer, model_attention, model_sliding_window, packed_rows_by_default,
+from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, causal_lm_class, disable_dropout,
+                            load_model, load_tokenizer, model_attention, model_sliding_window, packed_rows_by_default,
                             router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.reference import ReferenceScoring
@@ -132,10 +132,13 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     for name in ("logps_chunk_size", "precompute_ref_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    check_model_family(causal_lm_class(model_args))  # from the config alone: nothing is loaded yet
-    window = model_sliding_window(model_args)
+    model_class = causal_lm_class(model_args)  # from the config alone: nothing is loaded yet
+    check_model_family(model_class, training=True)
+    window, unfit = model_sliding_window(model_args), packing_unfit(model_class)
+    if args.padding_free and unfit:
+        raise ConfigError(f"--padding_free: {unfit}; its rows must be padded (leave --padding_free off)")
     if args.padding_free is None:
-        args.padding_free = packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
+        args.padding_free = unfit is None and packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
     attention = model_attention(model_args, args.padding_free, compute_dtype(args))
     if args.padding_free and attention not in PACKED_ROW_ATTENTIONS:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKED_ROW_ATTENTIONS}, not {attention}")
@@ -236,9 +239,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     if args.disable_dropout:  # LoRA's dropout included
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
 
     # data; the trainer adds reference log-probs (cached, or scored once the engine has sharded the model)
     dataset = load_preference_data(data_args, tokenizer)

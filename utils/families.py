@@ -46,6 +46,26 @@ UNMATCHED = {
 }
 
 
+# Causal-LM classes whose packed rows (--padding_free: several sequences in one row) are not exact through any
+# attention implementation, as tests/test_model_zoo.py finds them: their rows are padded.
+PACKING_UNFIT = {
+    "FalconForCausalLM": "its attention mask does not keep a packed row's sequences apart",
+    "GptOssForCausalLM": "its attention mask does not keep a packed row's sequences apart",
+    "MiniMaxForCausalLM": "its linear-attention layers carry their state across a packed row's sequences",
+}
+# ... and those whose packed rows `varlen` cannot keep apart (transformers' sdpa and eager can, from position_ids)
+VARLEN_UNFIT = {
+    "NemotronForCausalLM": "its decoder layers do not pass packed rows' boundaries on to the attention",
+}
+
+
+# Causal-LM classes whose training-mode forward is random beyond dropout: their log-probs while training are not the
+# reference's, so DPO refuses them.
+RANDOM_IN_TRAINING = {
+    "PhimoeForCausalLM": "its router samples experts at random in training mode (Gumbel sparsemixer)",
+}
+
+
 def output_head(model):
     """hidden states -> the logits `model.forward()` returns for them: the output layer, then the family's
     transform (`POST_HEAD_TRANSFORMS`). `model` is the causal LM itself (not a PEFT or distributed wrapper)."""
@@ -56,10 +76,19 @@ def output_head(model):
     return lambda hidden: transform(model, layer(hidden))
 
 
-def check_model_family(model_class: type | None) -> None:
-    """Refuse a causal-LM class whose forward() our log-prob path cannot reproduce (None: unknown, let it through
-    to the first-batch check)."""
+def check_model_family(model_class: type | None, training: bool = False) -> None:
+    """Refuse a causal-LM class whose forward() our log-prob path cannot reproduce, or, `training` (DPO), whose
+    training forward is random (None: unknown, let it through to the first-batch check)."""
     name = getattr(model_class, "__name__", None)
     if name in UNMATCHED:
         raise ConfigError(f"{name} is not supported: {UNMATCHED[name]}, which our completion log-probs (the output "
                           "layer run on completion tokens only) cannot reproduce")
+    if training and name in RANDOM_IN_TRAINING:
+        raise ConfigError(f"{name} is not supported for DPO: {RANDOM_IN_TRAINING[name]}, so the policy's log-probs "
+                          "while training are not the reference's")
+
+
+def packing_unfit(model_class: type | None) -> str | None:
+    """Why packed rows would be wrong for this causal-LM class (`PACKING_UNFIT`), or None."""
+    name = getattr(model_class, "__name__", None)
+    return f"{name}: {PACKING_UNFIT[name]}" if name in PACKING_UNFIT else None

@@ -23,7 +23,7 @@ from transformers.utils import find_adapter_config_file, is_flash_attn_2_availab
 from utils import toy_task
 from utils.attention import VARLEN_ATTENTION, cuda_varlen_kernel_available
 from utils.errors import ConfigError
-from utils.families import check_model_family
+from utils.families import VARLEN_UNFIT, check_model_family
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ def varlen_unfit(model_class: type | None, config) -> str | None:
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return (f"has no attention softcapping, and this model caps its attention scores at "
                 f"{config.attn_logit_softcapping}")
+    if model_class is not None and model_class.__name__ in VARLEN_UNFIT:
+        return f"cannot serve {model_class.__name__}: {VARLEN_UNFIT[model_class.__name__]}"
     if model_class is not None and not model_class._supports_attention_backend:
         return (f"reads packed rows' boundaries through transformers' attention interface, which "
                 f"{model_class.__name__} does not call")
@@ -439,6 +441,20 @@ def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = 
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %.2fM of %.1fM parameters trainable", trainable / 1e6, total / 1e6)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout: nn.Dropout layers, and the rates modules and configs keep for functional dropout
+    (SEED-OSS's residual_dropout, most families' attention_dropout), so that a training forward computes what an
+    eval forward does."""
+    for module in [model, *model.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for owner in (module, getattr(module, "config", None)):
+            rates = [name for name, value in vars(owner).items() if name.endswith("dropout")
+                     and isinstance(value, float)] if owner is not None else []
+            for name in rates:
+                setattr(owner, name, 0.0)
 
 
 def router_kwargs(model, enabled: bool) -> dict:
