@@ -154,3 +154,15 @@ def test_one_step_at_learning_rate_0_logs_rewards_of_0(model_type, checkpoints, 
     assert causal_lm_class(ModelArguments(model_name_or_path=checkpoints[model_type])) is type(trainer.model)
     assert abs(logged["rewards/chosen"]) < 1e-4 and abs(logged["rewards/rejected"]) < 1e-4, logged
     assert logged["logps/chosen"] < -10  # log-probs of order 10 per token: rewards of 0 are not a vacuous 0 - 0
+
+
+def test_gemma2_trains_a_step_with_default_flags(checkpoints, tmp_path):
+    """transformers refuses sdpa for Gemma 2 (it caps attention scores): the default is what its class supports."""
+    trainer = train_dpo.main(["--model_name_or_path", checkpoints["gemma2"], "--toy_num_train_pairs", "8",
+                              "--toy_num_eval_pairs", "1", "--max_steps", "1", "--learning_rate", "1e-3",
+                              "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    before = AutoModelForCausalLM.from_pretrained(checkpoints["gemma2"])
+    assert trainer.model.config._attn_implementation == "eager" and trainer.state.global_step == 1
+    moved = [name for name, parameter in trainer.model.named_parameters()
+             if not torch.equal(parameter, before.get_parameter(name))]
+    assert moved  # a step that trained
