@@ -15,6 +15,7 @@ others waiting in their next collective until the timeout).
 import torch
 import torch.distributed as dist
 from accelerate.utils import gather_object
+from peft import PeftModel
 from torch.distributed.tensor import DTensor
 from utils.errors import ConfigError, NonFiniteError
 from utils.trainer_hooks import HookedTrainer
@@ -100,9 +101,9 @@ def own_forward_logps(model, batch: dict, dtype: torch.dtype = torch.float32) ->
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         for index, (start, length) in enumerate(zip(starts, lengths)):
             ids = flat_ids[start:start + length]
-            logprobs = torch.log_softmax(model(input_ids=ids[None], use_cache=False).logits[0].float(), dim=-1)
             offsets = positions[sequence_of == index] - start
-            sums[index] = logprobs[offsets - 1].gather(-1, ids[offsets, None]).sum()
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, offsets - 1]  # the completion's rows
+            sums[index] = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[offsets, None]).sum()
     return sums
 
 
@@ -143,7 +144,8 @@ class FirstBatchChecks(HookedTrainer):
             own = own_forward_logps(model, inputs, dtype)
             ratio, largest = _worst((policy_sums - own).abs(), rtol * (own.abs() + num_tokens) + 1e-6)
             if ratio > 1:
-                name = type(self.accelerator.unwrap_model(model)).__name__
+                unwrapped = self.accelerator.unwrap_model(model)
+                name = type(unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped).__name__
                 raise ConfigError(
                     f"{name}: our completion log-probs differ from its own forward() by up to {largest:.4g} nats on "
                     f"the first batch (tolerance {rtol:g} x (|log-prob| + tokens) in {dtype}): its forward computes "

@@ -2,7 +2,8 @@
 
 The [tokens, vocab] logits are the largest tensor of a DPO step (Mixtral's vocabulary is 32k).
 We never materialise them whole: the model returns its final hidden states, and only the
-completion tokens' rows go through the output layer, a chunk at a time; beyond one chunk, each is
+completion tokens' rows go through the output layer (and what the model's forward applies after it,
+`utils.families.output_head`), a chunk at a time; beyond one chunk, each is
 recomputed in backward (activation checkpointing), so that peak memory grows with the sequence,
 not with sequence x vocabulary. The gradients are exact.
 """

@@ -223,7 +223,10 @@ def resolve_attn_implementation(requested: str | None, model_class: type | None 
     sdpa if the class supports it, else eager. `model_class` None (code shipped with a checkpoint): no class check."""
     flags = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
              "flex_attention": "_supports_flex_attn"}
-    takes = lambda name: model_class is None or name not in flags or getattr(model_class, flags[name])  # noqa: E731
+
+    def takes(name: str) -> bool:
+        return model_class is None or name not in flags or getattr(model_class, flags[name])
+
     if requested == VARLEN_ATTENTION:
         unfit = varlen_unfit(model_class, config)
         if unfit is not None:
