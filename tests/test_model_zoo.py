@@ -31,7 +31,8 @@ WINDOW = dict(sliding_window=8)  # shorter than the toy sequences, so a window t
 FAMILIES = {
     "llama": {}, "mistral": WINDOW, "mixtral": MOE, "qwen2": {}, "qwen3": {},
     "qwen2_moe": dict(MOE, shared_expert_intermediate_size=32), "qwen3_moe": MOE,
-    "gemma": {}, "gemma2": dict(WINDOW, final_logit_softcapping=30.0), "gemma3_text": dict(final_logit_softcapping=30.0),
+    "gemma": {}, "gemma2": dict(WINDOW, final_logit_softcapping=30.0),
+    "gemma3_text": dict(final_logit_softcapping=30.0),
     "cohere": {}, "cohere2": {}, "granite": dict(logits_scaling=8.0), "granitemoe": dict(MOE, logits_scaling=8.0),
     "phi3": {}, "phimoe": MOE, "olmo2": {}, "olmoe": MOE, "gpt_neox": {},
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),

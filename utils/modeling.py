@@ -237,7 +237,8 @@ def resolve_attn_implementation(requested: str | None, model_class: type | None 
         if not takes(requested):
             usable = [name for name in ("eager", *flags) if takes(name)]
             raise ConfigError(f"--attn_implementation {requested}: {model_class.__name__} does not support it "
-                              f"(transformers' {model_class.__name__}.{flags[requested]} is False); use one of {usable}")
+                              f"(transformers' {model_class.__name__}.{flags[requested]} is False); use one of "
+                              f"{usable}")
         if requested == "flash_attention_2" and not flash_attention_2_usable(dtype):
             raise ConfigError(f"--attn_implementation flash_attention_2 needs flash-attn 2 installed, a CUDA GPU of "
                               f"compute capability >= 8.0 and fp16/bf16 compute (--bf16, --fp16 or such --dtype); "
