@@ -18,13 +18,15 @@ from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.errors import ConfigError, NonFiniteError
+from utils.families import check_model_family, packing_unfit
 from utils.generation import sample_completions
-from utils.guards import NonFiniteGuard
+from utils.guards import FirstBatchChecks, NonFiniteGuard
 from utils.logprobs import model_logps
 from utils.losses import FLAG_DEFAULTS, LOSSES, PairLogps, logged_metrics, preference_loss, uses_reference
 from utils.metrics import DeviceMetrics
-from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, load_model, load_tokenizer,
-                            model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
+from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, causal_lm_class, disable_dropout,
+                            load_model, load_tokenizer, model_attention, model_sliding_window, packed_rows_by_default,
+                            router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.reference import ReferenceScoring
 
@@ -78,6 +80,12 @@ class DPOArguments(TrainingArguments):
                                         "memory (4096 x 32k vocab x fp32 = 0.5 GB); beyond one chunk, each is "
                                         "recomputed in backward."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero all dropout so log-probs are deterministic."})
+    check_logps: bool = field(
+        default=True, metadata={"help": "Before the first step, check our log-probs of the first batch against the "
+                                        "model's own forward() (one extra forward of the batch); a mismatch stops."})
+    check_step0_rewards: bool = field(
+        default=True, metadata={"help": "At a fresh start, check that step 0's implicit rewards are 0 (the reference "
+                                        "scores what the initial policy scores); otherwise stop. Costs nothing."})
     toy_reward_prompts: int = field(
         default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
                                      "log the mean ground-truth reward (0: off)."})
@@ -127,19 +135,25 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     for name in ("logps_chunk_size", "precompute_ref_batch_size", "pad_to_multiple_of"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    window = model_sliding_window(model_args)  # from the config alone: nothing is loaded yet
+    model_class = causal_lm_class(model_args)  # from the config alone: nothing is loaded yet
+    check_model_family(model_class, training=True)
+    window, unfit = model_sliding_window(model_args), packing_unfit(model_class)
+    if args.padding_free and unfit:
+        raise ConfigError(f"--padding_free: {unfit}; its rows must be padded (leave --padding_free off)")
     if args.padding_free is None:
-        args.padding_free = packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
-    attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free, window)
+        args.padding_free = unfit is None and packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
+    attention = model_attention(model_args, args.padding_free, compute_dtype(args))
     if args.padding_free and attention not in PACKED_ROW_ATTENTIONS:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKED_ROW_ATTENTIONS}, not {attention}")
 
 
-class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
+class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckpointLoading):
     """The DPO loss on the Trainer: one forward of chosen + rejected, completion log-probs, the registry's loss.
 
     The reference's log-probs come from `ReferenceScoring` (utils/reference.py: precomputed and cached, a frozen copy,
-    or adapters off); `NonFiniteGuard` stops on a NaN step; `ExactCheckpointLoading` reloads MoE checkpoints."""
+    or adapters off); `NonFiniteGuard` stops on a NaN step; `FirstBatchChecks` checks the first batch's log-probs
+    against the model's own forward and step 0's rewards against 0; `ExactCheckpointLoading` reloads MoE
+    checkpoints."""
 
     def __init__(self, *args, **kwargs):
         dpo_args = kwargs["args"]
@@ -152,11 +166,14 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
         self.metrics = DeviceMetrics(self.accelerator)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        dtype = compute_dtype(self.args)
         policy = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),
                              router_aux_loss=self.use_router_aux_loss, chunk_size=self.args.logps_chunk_size,
-                             dtype=compute_dtype(self.args))
+                             dtype=dtype)
         policy_chosen_logps, policy_rejected_logps = policy.sums.chunk(2)
         ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs, len(policy_chosen_logps))
+        self.check_first_batch(model, inputs, policy.sums, policy.num_tokens,
+                               torch.cat([ref_chosen_logps, ref_rejected_logps]), dtype)
         chosen_tokens, rejected_tokens = policy.num_tokens.chunk(2)
         logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                           chosen_tokens, rejected_tokens)
@@ -213,13 +230,11 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # model
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer, packed=args.padding_free)
+    model = load_model(model_args, tokenizer, packed=args.padding_free, autocast_dtype=compute_dtype(args))
     if model_args.use_peft:
         model = apply_lora(model, model_args)
     if args.disable_dropout:  # LoRA's dropout included
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
 
     # data; the trainer adds reference log-probs (cached, or scored once the engine has sharded the model)
     dataset = load_preference_data(data_args, tokenizer)

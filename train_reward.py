@@ -17,7 +17,7 @@ from trl import RewardConfig, RewardTrainer
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
-from utils.precision import bf16_field, default_bf16
+from utils.precision import bf16_field, compute_dtype, default_bf16
 
 logger = logging.getLogger("train_reward")
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None):
     setup_logging(training_args)
 
     tokenizer = load_tokenizer(model_args, pad_apart_from_eos=True)  # TRL masks by pad_token_id
-    model = load_model(model_args, tokenizer, num_labels=1)
+    model = load_model(model_args, tokenizer, num_labels=1, autocast_dtype=compute_dtype(training_args))
     if model_args.use_peft:
         model = apply_lora(model, model_args, modules_to_save=["score"])  # the new head must train in full
 

@@ -19,7 +19,7 @@ from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
 from utils.guards import NonFiniteGuard
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer
-from utils.precision import bf16_field, default_bf16
+from utils.precision import bf16_field, compute_dtype, default_bf16
 
 logger = logging.getLogger("train_sft")
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None):
     resume_from = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args)
-    model = load_model(model_args, tokenizer)
+    model = load_model(model_args, tokenizer, autocast_dtype=compute_dtype(training_args))
     if hasattr(model.config, "output_router_logits"):
         model.config.output_router_logits = True  # the model then adds its load-balancing loss to the LM loss
     if model_args.use_peft:

@@ -195,16 +195,54 @@ def test_checkpoint_without_pad_token_pads_with_eos(tmp_path, tokenizer, caplog)
 
 # ---------------------------------------------------------------------------------------------- attention
 
-def test_attention_implementation(monkeypatch, tokenizer):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_attn_implementation(None) == "sdpa"
-    assert resolve_attn_implementation("eager") == "eager"
+def fake_gpu(monkeypatch, capability=(9, 0), flash_attn=True):
+    """A CUDA GPU of `capability`, with flash-attn 2 as transformers finds it (or not)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)
-    assert resolve_attn_implementation(None) == "sdpa"  # no flash_attn installed
-    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert resolve_attn_implementation(None) == "flash_attention_2"
-    assert resolve_attn_implementation("sdpa") == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    monkeypatch.setattr(modeling, "is_flash_attn_2_available", lambda: flash_attn)
+
+
+def test_attention_implementation(monkeypatch, tokenizer):
+    from transformers import Gemma2ForCausalLM, LlamaForCausalLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_attn_implementation(None, LlamaForCausalLM) == "sdpa"
+    assert resolve_attn_implementation(None, Gemma2ForCausalLM) == "eager"  # transformers' _supports_sdpa is False
+    assert resolve_attn_implementation("eager", LlamaForCausalLM) == "eager"
+    assert resolve_attn_implementation(None, LlamaForCausalLM, packed=True) == "varlen"
+    bf16 = torch.bfloat16
+    fake_gpu(monkeypatch)
+    assert resolve_attn_implementation(None, LlamaForCausalLM, dtype=bf16) == "flash_attention_2"
+    assert resolve_attn_implementation(None, Gemma2ForCausalLM, dtype=bf16) == "flash_attention_2"
+    assert resolve_attn_implementation(None, LlamaForCausalLM) == "sdpa"  # float32 compute: flash kernels take none
+    assert resolve_attn_implementation("sdpa", LlamaForCausalLM, dtype=bf16) == "sdpa"
+    fake_gpu(monkeypatch, capability=(7, 5))  # Turing: below flash-attn 2's Ampere
+    assert resolve_attn_implementation(None, LlamaForCausalLM, dtype=bf16) == "sdpa"
+    fake_gpu(monkeypatch, flash_attn=False)  # e.g. flash_attn present but not a flash-attn 2 transformers takes
+    assert resolve_attn_implementation(None, LlamaForCausalLM, dtype=bf16) == "sdpa"
+
+
+@pytest.mark.parametrize("requested, model_class, dtype, message", [
+    ("sdpa", "Gemma2ForCausalLM", torch.float32, r"^--attn_implementation sdpa: Gemma2ForCausalLM does not support it "
+                                                 r"\(transformers' Gemma2ForCausalLM._supports_sdpa is False\)"),
+    ("flash_attention_2", "LlamaForCausalLM", torch.float32, r"^--attn_implementation flash_attention_2 needs .*"
+                                                             r"here the compute dtype is torch.float32"),
+    ("varlen", "NemotronForCausalLM", torch.float32, r"^--attn_implementation varlen cannot serve NemotronForCausalLM"),
+])
+def test_an_attention_the_model_cannot_take_is_one_line(monkeypatch, requested, model_class, dtype, message):
+    import transformers
+
+    fake_gpu(monkeypatch)
+    with pytest.raises(ConfigError, match=message):
+        resolve_attn_implementation(requested, getattr(transformers, model_class), dtype=dtype)
+
+
+def test_every_script_that_loads_a_float32_model_gets_no_flash_attention(monkeypatch, tokenizer):
+    fake_gpu(monkeypatch)
+    args = ModelArguments(model_name_or_path="mixtral-tiny")
+    assert modeling.model_attention(args) == "sdpa"  # eval_policy, make_toy_pairs, utils/rewards: float32, no autocast
+    assert modeling.model_attention(args, autocast_dtype=torch.bfloat16) == "flash_attention_2"  # a --bf16 run
+    assert modeling.model_attention(dataclasses.replace(args, dtype="bfloat16")) == "flash_attention_2"
 
 
 def test_cpu_default_and_explicit_attention_reach_the_model(tokenizer):
@@ -362,18 +400,17 @@ def test_a_sliding_window_model_defaults_to_padded_rows_and_packs_without_varlen
     window = modeling.model_sliding_window(args)
     assert window == 4 and modeling.model_sliding_window(TINY) is None
     monkeypatch.setattr(modeling, "cuda_varlen_kernel_available", lambda: True)  # where packing is the default
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)  # torch's varlen kernel, no flash-attn
+    fake_gpu(monkeypatch, flash_attn=False)  # torch's varlen kernel, no flash-attn
     assert modeling.packed_rows_by_default(False, True, None)
     assert not modeling.packed_rows_by_default(False, True, window)
-    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    fake_gpu(monkeypatch)
     assert modeling.packed_rows_by_default(False, True, window)  # flash_attention_2 packs with the window
-    assert resolve_attn_implementation(None, True, window) == "flash_attention_2"
+    assert modeling.model_attention(args, packed=True, autocast_dtype=torch.bfloat16) == "flash_attention_2"
     monkeypatch.undo()
 
     # with --padding_free all the same, it packs through an attention that has the window
     model = load_model(args, tokenizer, packed=True).eval()
-    assert model.config._attn_implementation == resolve_attn_implementation(None, False)  # sdpa here
+    assert model.config._attn_implementation == "sdpa"
     rows = list(load_preference_data(DataArguments(toy_num_train_pairs=4, toy_num_eval_pairs=1), tokenizer)["train"])
     assert min(len(row["prompt_input_ids"]) for row in rows) > window  # the window cuts every sequence
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""Numerical guards: a non-finite loss or gradient stops training before the optimizer step.
+"""Numerical guards: a non-finite loss or gradient stops training before the optimizer step; before the first step,
+the first batch's log-probs are checked against the model's own forward and, at a fresh start, against the reference
+(`FirstBatchChecks`, at the end of this module).
 
 The error names the optimizer step and the batch's rows (`row_index`, the row's index in its source
 split), so that the bad pair can be found. It is raised before `optimizer.step()`, so no weights and no
@@ -13,8 +15,9 @@ others waiting in their next collective until the timeout).
 import torch
 import torch.distributed as dist
 from accelerate.utils import gather_object
+from peft import PeftModel
 from torch.distributed.tensor import DTensor
-from utils.errors import NonFiniteError
+from utils.errors import ConfigError, NonFiniteError
 from utils.trainer_hooks import HookedTrainer
 
 
@@ -72,3 +75,92 @@ class NonFiniteGuard(HookedTrainer):
         where = f"; the step's batch holds rows {rows} of the train split" if rows else ""
         raise NonFiniteError(f"non-finite {what} at step {self.state.global_step + 1}{where}. "
                              f"Stopped before the optimizer step: nothing of this step was saved")
+
+
+# How far a summed log-prob may move from rounding alone, relative to (|sum| + its token count), by compute dtype: the
+# same sequences scored in batches of other shapes (other padding, packed rows) differ by about eps x |logit| per token.
+LOGPS_RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def own_forward_logps(model, batch: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per sequence of a collated batch (padded or packed rows): the sum of its completion tokens' log-probs as the
+    model's own forward() gives them, each sequence alone in a row of its own (no padding, no packing): the
+    log-softmax of `forward().logits` at the completion tokens. Independent of `utils.logprobs` (no output layer of
+    ours, no chunks): what that fast path must equal."""
+    input_ids = batch["input_ids"]
+    width = input_ids.shape[1]
+    if "cu_seq_lens_q" in batch:  # one packed row: its sequences' boundaries
+        bounds = batch["cu_seq_lens_q"].tolist()
+        starts, lengths = bounds[:-1], [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    else:  # one right-padded row per sequence
+        starts = [row * width for row in range(input_ids.shape[0])]
+        lengths = batch["attention_mask"].sum(-1).tolist()
+    flat_ids, positions = input_ids.flatten(), batch["completion_positions"]
+    sequence_of = batch["completion_sequence"]
+    sums = torch.zeros(len(starts), dtype=torch.float32, device=input_ids.device)
+    with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for index, (start, length) in enumerate(zip(starts, lengths)):
+            ids = flat_ids[start:start + length]
+            offsets = positions[sequence_of == index] - start
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, offsets - 1]  # the completion's rows
+            sums[index] = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[offsets, None]).sum()
+    return sums
+
+
+def _worst(difference: torch.Tensor, tolerance: torch.Tensor) -> tuple[float, float]:
+    """(largest difference / tolerance, largest difference) over the batch, the same on every rank."""
+    worst = torch.stack([(difference / tolerance).max(), difference.max()]).float()
+    if several_processes():
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    ratio, largest = worst.tolist()
+    return ratio, largest
+
+
+class FirstBatchChecks(HookedTrainer):
+    """A Trainer mixin that checks the first training batch's log-probs, before the first optimizer step:
+
+    - `--check_logps`: our fast path (`utils.logprobs`, the policy's log-probs of the step) equals the model's own
+      forward() (`own_forward_logps`): a family whose forward we do not reproduce stops here instead of training on
+      wrong numbers. Cost: one forward of the batch, without gradients.
+    - `--check_step0_rewards`: at a fresh start whose reference is the initial policy (`reference_is_initial_policy`
+      of utils/reference.py: precomputed by this trainer, its frozen copy, or adapters off), step 0's implicit rewards
+      are 0 within the compute dtype's rounding (`LOGPS_RTOL`). Cost: none (the step computes both sides anyway).
+    Every rank checks its own batch; the verdict is all-reduced, so all ranks stop together."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._first_batch_pending = True
+        self._resumed = bool(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def check_first_batch(self, model, inputs: dict, policy_sums: torch.Tensor, num_tokens: torch.Tensor,
+                          reference_sums: torch.Tensor, dtype: torch.dtype) -> None:
+        """Called by compute_loss with the step's policy and reference log-probs ([2 x pairs] each); acts once."""
+        if not getattr(self, "_first_batch_pending", False) or not model.training:
+            return
+        self._first_batch_pending = False
+        policy_sums = policy_sums.detach().float()
+        rtol = LOGPS_RTOL.get(dtype, LOGPS_RTOL[torch.bfloat16])
+        if self.args.check_logps:
+            own = own_forward_logps(model, inputs, dtype)
+            ratio, largest = _worst((policy_sums - own).abs(), rtol * (own.abs() + num_tokens) + 1e-6)
+            if ratio > 1:
+                unwrapped = self.accelerator.unwrap_model(model)
+                name = type(unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped).__name__
+                raise ConfigError(
+                    f"{name}: our completion log-probs differ from its own forward() by up to {largest:.4g} nats on "
+                    f"the first batch (tolerance {rtol:g} x (|log-prob| + tokens) in {dtype}): its forward computes "
+                    "something our fast path does not; add its transform after the output layer to "
+                    "utils/families.py POST_HEAD_TRANSFORMS, or, if the rows are packed, run without --padding_free "
+                    "(--check_logps false trains on regardless)")
+        if self.args.check_step0_rewards and not self._resumed and self.reference_is_initial_policy:
+            reference_sums = reference_sums.detach().float()
+            ratio, largest = _worst((policy_sums - reference_sums).abs(),
+                                    rtol * (reference_sums.abs() + num_tokens) + 1e-6)
+            if ratio > 1:
+                raise ConfigError(
+                    f"step 0's implicit rewards are not 0: the reference's log-probs differ from the initial "
+                    f"policy's by up to {largest:.4g} nats (reward {self.args.beta * largest:.4g}; tolerance "
+                    f"{rtol:g} x (|log-prob| + tokens) in {dtype}), so the reference does not score what the policy "
+                    "scores. Likely causes: another precision path (dtype, attention or autocast), dropout left on "
+                    "(--disable_dropout), packed rows attended across sequences, or a stale reference cache "
+                    "(delete --ref_logps_cache_dir's files) (--check_step0_rewards false trains on regardless)")

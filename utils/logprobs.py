@@ -2,7 +2,8 @@
 
 The [tokens, vocab] logits are the largest tensor of a DPO step (Mixtral's vocabulary is 32k).
 We never materialise them whole: the model returns its final hidden states, and only the
-completion tokens' rows go through the output layer, a chunk at a time; beyond one chunk, each is
+completion tokens' rows go through the output layer (and what the model's forward applies after it,
+`utils.families.output_head`), a chunk at a time; beyond one chunk, each is
 recomputed in backward (activation checkpointing), so that peak memory grows with the sequence,
 not with sequence x vocabulary. The gradients are exact.
 """
@@ -13,6 +14,7 @@ import torch
 from peft import PeftModel
 from torch.utils.checkpoint import checkpoint
 
+from utils.families import output_head
 from utils.modeling import router_kwargs
 
 
@@ -32,8 +34,8 @@ class SequenceLogps(NamedTuple):
     aux_loss: torch.Tensor | None
 
 
-def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = output_layer(hidden)
+def _token_logps(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
     rows = CPU_SOFTMAX_ROWS if logits.device.type == "cpu" else max(1, logits.shape[0])  # GPU: one kernel
     float_dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: softmax in fp32
     token_logps = []
@@ -43,15 +45,16 @@ def _token_logps(output_layer, hidden: torch.Tensor, labels: torch.Tensor) -> to
     return torch.cat(token_logps)
 
 
-def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor, completion_positions: torch.Tensor,
+def completion_logps(hidden: torch.Tensor, head, input_ids: torch.Tensor, completion_positions: torch.Tensor,
                      completion_sequence: torch.Tensor, num_sequences: int,
                      chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its completion tokens' log-probs, and their number ([num_sequences], >= fp32).
 
-    hidden: [rows, seq, dim] final hidden states for `input_ids` [rows, seq]; `output_layer` maps them to
-    logits. `completion_positions` are the flat (row-major) indices of the tokens that count, each predicted by
-    the hidden state just before it in its row; `completion_sequence` says which of `num_sequences` sequences
-    each is in (a row per sequence, or several packed in one row: the same computation).
+    hidden: [rows, seq, dim] final hidden states for `input_ids` [rows, seq]; `head` maps them to the logits the
+    model's forward() returns (`utils.families.output_head`: the output layer and what follows it).
+    `completion_positions` are the flat (row-major) indices of the tokens that count, each predicted by the hidden
+    state just before it in its row; `completion_sequence` says which of `num_sequences` sequences each is in (a row
+    per sequence, or several packed in one row: the same computation).
     """
     hidden = hidden.flatten(0, 1).index_select(0, completion_positions - 1)
     labels = input_ids.flatten().index_select(0, completion_positions)
@@ -59,7 +62,7 @@ def completion_logps(hidden: torch.Tensor, output_layer, input_ids: torch.Tensor
     recompute = torch.is_grad_enabled() and hidden.requires_grad and labels.shape[0] > chunk_size
     chunks = []
     for start in range(0, labels.shape[0], chunk_size):
-        args = (output_layer, hidden[start:start + chunk_size], labels[start:start + chunk_size])
+        args = (head, hidden[start:start + chunk_size], labels[start:start + chunk_size])
         if recompute:
             chunks.append(checkpoint(_token_logps, *args, use_reentrant=False))
         else:
@@ -110,7 +113,7 @@ def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = F
     """
     unwrapped = model if unwrapped is None else unwrapped
     base = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
-    decoder, output_layer = base.get_decoder(), base.get_output_embeddings()
+    decoder, head = base.get_decoder(), output_head(base)
     inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     # a packed row holds len(cu_seq_lens) - 1 sequences, a padded batch one per row
     num_sequences = batch["cu_seq_lens_q"].shape[0] - 1 if "cu_seq_lens_q" in batch else batch["input_ids"].shape[0]
@@ -123,7 +126,7 @@ def model_logps(model, batch: dict, *, unwrapped=None, router_aux_loss: bool = F
                                        **router_kwargs(base, router_aux_loss))
         finally:
             hook.remove()
-        sums, counts = completion_logps(captured[0], output_layer, batch["input_ids"], batch["completion_positions"],
+        sums, counts = completion_logps(captured[0], head, batch["input_ids"], batch["completion_positions"],
                                         batch["completion_sequence"], num_sequences, chunk_size=chunk_size)
         return SequenceLogps(sums, counts, outputs.aux_loss if router_aux_loss else None)
 

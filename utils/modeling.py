@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          BitsAndBytesConfig, FineGrainedFP8Config, MixtralConfig, PreTrainedTokenizerFast)
+                          BitsAndBytesConfig, FineGrainedFP8Config, MixtralConfig, MixtralForCausalLM,
+                          PreTrainedTokenizerFast)
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
-from transformers.utils import find_adapter_config_file
+from transformers.models.auto.auto_factory import _get_model_class
+from transformers.utils import find_adapter_config_file, is_flash_attn_2_available
 
 from utils import toy_task
 from utils.attention import VARLEN_ATTENTION, cuda_varlen_kernel_available
 from utils.errors import ConfigError
+from utils.families import VARLEN_UNFIT, check_model_family
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +75,10 @@ class ModelArguments:
                   "choices": ["auto", "float32", "bfloat16", "float16"]})
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "eager, sdpa, flash_attention_2 or varlen; default: varlen for packed rows (not for a "
-                          "sliding-window model), else flash_attention_2 where flash_attn imports and CUDA is present, "
-                          "else sdpa."})
+        metadata={"help": "eager, sdpa, flash_attention_2 or varlen, if the model class supports it; default: varlen "
+                          "for packed rows where it fits the model, else flash_attention_2 where transformers finds "
+                          "flash-attn 2, the GPU is Ampere or newer and the compute dtype fp16/bf16, else sdpa where "
+                          "the model class supports it, else eager."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with a checkpoint."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     load_in_fp8: bool = field(
@@ -96,7 +100,8 @@ class ModelArguments:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": f"Modules that get adapters; default for Mixtral: {LORA_TARGETS_MIXTRAL}."})
+        default=None, metadata={"help": f"Modules that get adapters; default {LORA_TARGETS_MIXTRAL} where the model "
+                                        "has them, else PEFT's table for its family, else all linear layers."})
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full beside the adapters (e.g. embed_tokens lm_head)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale = alpha / sqrt(r)."})
@@ -149,25 +154,10 @@ def load_tokenizer(args: ModelArguments, pad_apart_from_eos: bool = False):
     return tokenizer
 
 
-def resolve_attn_implementation(requested: str | None, packed: bool = False, sliding_window: int | None = None) -> str:
-    """The attention implementation: the requested one, else `varlen` for packed (padding-free) rows, else
-    flash_attention_2 where flash_attn imports and CUDA is present, else sdpa. `varlen` has no sliding window: a
-    model with one (`sliding_window`, e.g. Mistral-7B-v0.1's 4096) packs through the others, which build it in."""
-    if requested == VARLEN_ATTENTION and sliding_window is not None:
-        raise ConfigError(f"--attn_implementation {VARLEN_ATTENTION} has no sliding window, and this model attends "
-                          f"through one of {sliding_window} tokens: use sdpa or flash_attention_2")
-    if requested:
-        return requested
-    if packed and sliding_window is None:
-        return VARLEN_ATTENTION
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def model_sliding_window(args: ModelArguments) -> int | None:
-    """The model's attention window (None: full causal attention), read from its config alone: no weights, no
-    tokenizer, so a trainer can decide its rows before loading anything. The presets have none."""
+def model_config(args: ModelArguments):
+    """The model's config alone: no weights, no tokenizer, so that a script can decide before loading anything. A
+    PEFT adapter's is its base model's. None for a preset (built from MixtralConfig when loaded) or where no config
+    can be read (load_tokenizer, which runs next, names the problem in one line)."""
     if args.is_preset:
         return None
     name, revision = args.model_name_or_path, args.model_revision
@@ -176,10 +166,109 @@ def model_sliding_window(args: ModelArguments) -> int | None:
         with open(adapter_config) as f:
             name, revision = json.load(f)["base_model_name_or_path"], None
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
-    except OSError:  # no such model: load_tokenizer, which runs next, names the problem in one line
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
+    except OSError:
         return None
-    return getattr(config, "sliding_window", None)
+
+
+def model_sliding_window(args: ModelArguments) -> int | None:
+    """The model's attention window (None: full causal attention), read from its config alone. The presets have
+    none."""
+    return getattr(model_config(args), "sliding_window", None)
+
+
+def causal_lm_class(args: ModelArguments, config=None) -> type | None:
+    """The class AutoModelForCausalLM builds for the model, known from its config before anything loads; None for
+    code shipped with a checkpoint (--trust_remote_code) or a config no causal LM takes."""
+    if args.is_preset:
+        return MixtralForCausalLM
+    config = model_config(args) if config is None else config
+    if config is None or getattr(config, "auto_map", None) and args.trust_remote_code:
+        return None
+    try:
+        return _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    except (KeyError, ValueError):
+        return None
+
+
+def flash_attention_2_usable(dtype) -> bool:
+    """flash_attention_2 runs here: transformers finds flash-attn 2 (its package, a version it takes, CUDA), the GPU is
+    Ampere or newer (the kernels' minimum) and the compute dtype is fp16/bf16 (flash kernels take no float32)."""
+    return (dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available() and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (8, 0))
+
+
+def varlen_unfit(model_class: type | None, config) -> str | None:
+    """Why `varlen` (utils/attention.py) cannot compute this model's attention, or None: it has no sliding window and
+    no attention softcapping, and it reads transformers' variable-length arguments only from models that call
+    their attention through the AttentionInterface (transformers' `_supports_attention_backend`)."""
+    if getattr(config, "sliding_window", None) is not None:
+        return f"has no sliding window, and this model attends through one of {config.sliding_window} tokens"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return (f"has no attention softcapping, and this model caps its attention scores at "
+                f"{config.attn_logit_softcapping}")
+    if model_class is not None and model_class.__name__ in VARLEN_UNFIT:
+        return f"cannot serve {model_class.__name__}: {VARLEN_UNFIT[model_class.__name__]}"
+    if model_class is not None and not model_class._supports_attention_backend:
+        return (f"reads packed rows' boundaries through transformers' attention interface, which "
+                f"{model_class.__name__} does not call")
+    return None
+
+
+def resolve_attn_implementation(requested: str | None, model_class: type | None = None, config=None,
+                                packed: bool = False, dtype=torch.float32) -> str:
+    """The attention implementation, the one place that decides it: the requested one if the model class takes it
+    (transformers' own `_supports_sdpa` / `_supports_flash_attn` / `_supports_flex_attn` flags), else one line;
+    with none requested, `varlen` for packed (padding-free) rows where it fits the model (`varlen_unfit`), else
+    flash_attention_2 where it is usable (`flash_attention_2_usable`, `dtype` being the compute precision), else
+    sdpa if the class supports it, else eager. `model_class` None (code shipped with a checkpoint): no class check."""
+    flags = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+             "flex_attention": "_supports_flex_attn"}
+
+    def takes(name: str) -> bool:
+        return model_class is None or name not in flags or getattr(model_class, flags[name])
+
+    if requested == VARLEN_ATTENTION:
+        unfit = varlen_unfit(model_class, config)
+        if unfit is not None:
+            raise ConfigError(f"--attn_implementation {VARLEN_ATTENTION} {unfit}: use sdpa, eager or "
+                              "flash_attention_2")
+        return requested
+    if requested:
+        if not takes(requested):
+            usable = [name for name in ("eager", *flags) if takes(name)]
+            raise ConfigError(f"--attn_implementation {requested}: {model_class.__name__} does not support it "
+                              f"(transformers' {model_class.__name__}.{flags[requested]} is False); use one of "
+                              f"{usable}")
+        if requested == "flash_attention_2" and not flash_attention_2_usable(dtype):
+            raise ConfigError(f"--attn_implementation flash_attention_2 needs flash-attn 2 installed, a CUDA GPU of "
+                              f"compute capability >= 8.0 and fp16/bf16 compute (--bf16, --fp16 or such --dtype); "
+                              f"here the compute dtype is {dtype}: use sdpa or eager")
+        return requested
+    if packed and varlen_unfit(model_class, config) is None:
+        return VARLEN_ATTENTION
+    if takes("flash_attention_2") and flash_attention_2_usable(dtype):
+        return "flash_attention_2"
+    return "sdpa" if takes("sdpa") else "eager"
+
+
+def compute_dtype_of(args: ModelArguments, config, autocast_dtype=None) -> torch.dtype:
+    """The dtype a model's attention computes in: the training's autocast dtype (--bf16, --fp16) where there is one,
+    else the weights' (--dtype, or the checkpoint's own with auto)."""
+    if autocast_dtype not in (None, torch.float32):
+        return autocast_dtype
+    dtype = resolve_dtype(args)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def model_attention(args: ModelArguments, packed: bool = False, autocast_dtype=None) -> str:
+    """`resolve_attn_implementation` for the model `args` name, from its config and class alone (nothing loads);
+    `autocast_dtype`: the training's mixed precision, None where the model runs in its weights' dtype."""
+    config = model_config(args)
+    return resolve_attn_implementation(args.attn_implementation, causal_lm_class(args, config), config, packed,
+                                       compute_dtype_of(args, config, autocast_dtype))
 
 
 def packed_rows_by_default(use_cpu: bool, half_precision: bool, sliding_window: int | None = None) -> bool:
@@ -191,7 +280,7 @@ def packed_rows_by_default(use_cpu: bool, half_precision: bool, sliding_window: 
         return False
     if sliding_window is None:
         return cuda_varlen_kernel_available()
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return flash_attention_2_usable(torch.bfloat16)
 
 
 def check_left_padding(args: ModelArguments) -> None:
@@ -289,11 +378,15 @@ def quantization_config(args: ModelArguments):
     return None
 
 
-def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, packed: bool = False):
+def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, packed: bool = False,
+               autocast_dtype=None):
     """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint;
-    `packed`: it will see padding-free rows (see resolve_attn_implementation)."""
+    `packed`: it will see padding-free rows; `autocast_dtype`: the training's mixed precision, None where the model
+    computes in its weights' dtype (see resolve_attn_implementation)."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
-    attn = resolve_attn_implementation(args.attn_implementation, packed, model_sliding_window(args))
+    if num_labels is None:
+        check_model_family(causal_lm_class(args))
+    attn = model_attention(args, packed, autocast_dtype)
     dtype = resolve_dtype(args)
     extra = {} if num_labels is None else {"num_labels": num_labels}
     if args.is_preset:
@@ -325,13 +418,27 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
     return model
 
 
+def lora_target_modules(model, args: ModelArguments):
+    """--lora_target_modules, else the attention projections: q/k/v/o_proj where the model has them (Mixtral, Llama
+    and most families), else PEFT's own table for the model's family (GPT-2's c_attn, Falcon's query_key_value),
+    else every linear layer (PEFT's "all-linear")."""
+    if args.lora_target_modules:
+        return args.lora_target_modules
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if set(LORA_TARGETS_MIXTRAL) <= names:
+        return LORA_TARGETS_MIXTRAL
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    return PEFT_TARGETS.get(model.config.model_type, "all-linear")
+
+
 def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = None):
-    """LoRA adapters on `args.lora_target_modules`; `modules_to_save` (a classifier's new head) train in full, with
+    """LoRA adapters on `lora_target_modules`; `modules_to_save` (a classifier's new head) train in full, with
     --lora_modules_to_save."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=args.lora_target_modules or LORA_TARGETS_MIXTRAL,
+                        target_modules=lora_target_modules(model, args),
                         modules_to_save=[*(args.lora_modules_to_save or []), *(modules_to_save or [])] or None,
                         use_rslora=args.use_rslora, use_dora=args.use_dora,
                         task_type="CAUSAL_LM" if modules_to_save is None else "SEQ_CLS")
@@ -339,6 +446,20 @@ def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = 
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA: %.2fM of %.1fM parameters trainable", trainable / 1e6, total / 1e6)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Zero every dropout: nn.Dropout layers, and the rates modules and configs keep for functional dropout
+    (SEED-OSS's residual_dropout, most families' attention_dropout), so that a training forward computes what an
+    eval forward does."""
+    for module in [model, *model.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for owner in (module, getattr(module, "config", None)):
+            rates = [name for name, value in vars(owner).items() if name.endswith("dropout")
+                     and isinstance(value, float)] if owner is not None else []
+            for name in rates:
+                setattr(owner, name, 0.0)
 
 
 def router_kwargs(model, enabled: bool) -> dict:

@@ -400,6 +400,10 @@ class ReferenceScoring(HookedTrainer):
         self.uses_reference = uses_reference
         self.reference_identity = (model_args, data_args)
         self._reference_pending: dict[str, str] = {}
+        # Made here from the initial policy (scored by this trainer, its frozen copy or adapters off), not handed in:
+        # then step 0's implicit rewards are 0 (checked by utils.guards.FirstBatchChecks).
+        given_columns = set(REF_COLUMNS) <= set(getattr(self.train_dataset, "column_names", None) or ())
+        self.reference_is_initial_policy = uses_reference and ref_model is None and not given_columns
         precompute = self.args.precompute_ref_log_probs
         if ref_model is None and uses_reference and not precompute and not isinstance(self.model, PeftModel):
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
