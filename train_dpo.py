@@ -26,7 +26,8 @@ from utils.metrics import DeviceMetrics
 from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, load_model, load_tokenizer,
                             model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
-from utils.reference import ReferenceScoring
+from utils.preflight import check_ranges, check_writable, disk_full_as_error
+from utils.reference import ReferenceScoring, default_cache_dir
 
 logger = logging.getLogger("train_dpo")
 
@@ -97,10 +98,9 @@ class DPOArguments(TrainingArguments):
 
 
 def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
-    """Flag combinations that cannot work, refused before anything is loaded or written (which flags a loss reads
-    comes from the registry, utils/losses.py); and --padding_free's default, which depends on the model's config."""
-    if args.beta <= 0:
-        raise ConfigError(f"--beta must be > 0, got {args.beta}")
+    """Flag combinations that cannot work and folders that cannot be written, refused before anything is loaded or
+    written (which flags a loss reads comes from the registry, utils/losses.py; each flag's range is checked by
+    utils/preflight.py check_ranges); and --padding_free's default, which depends on the model's config."""
     unknown = [name for name in args.loss_type if name not in LOSSES]
     if unknown:
         raise ConfigError(f"--loss_type {unknown}: unknown; choose from {list(LOSSES)}")
@@ -130,6 +130,9 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     attention = resolve_attn_implementation(model_args.attn_implementation, args.padding_free, window)
     if args.padding_free and attention not in PACKED_ROW_ATTENTIONS:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKED_ROW_ATTENTIONS}, not {attention}")
+    check_writable(args.output_dir, "output_dir")
+    if args.precompute_ref_log_probs and not args.reference_free and uses_reference(args.loss_type):
+        check_writable(args.ref_logps_cache_dir or default_cache_dir(), "ref_logps_cache_dir")
 
 
 class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
@@ -213,6 +216,7 @@ def toy_reward_report(model, tokenizer, num_prompts: int, seed: int, when: str) 
 def main(argv: list[str] | None = None) -> DPOTrainer:
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, DPOArguments), argv)
     setup_logging(args)
+    check_ranges(model_args, data_args, args)
     check_arguments(model_args, args)
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
