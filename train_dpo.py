@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # train
     try:
-        with interrupt:
+        with interrupt, disk_full_as_error(args.output_dir, "a checkpoint"):
             result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteError:
         logger.error("last good checkpoint: %s", latest_checkpoint(args.output_dir) or "none saved")
@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     # save
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one Hugging Face checkpoint
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
-    trainer.save_state()
+    with disk_full_as_error(args.output_dir, "the model"):
+        trainer.save_model()
+        trainer.save_state()
     logger.info("saved to %s", os.path.abspath(args.output_dir))
     return trainer
 
