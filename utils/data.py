@@ -271,10 +271,17 @@ def load_source(name: str, config: str | None, args: DataArguments) -> tuple[Dat
         extension = os.path.splitext(name)[1].lower()
         if extension not in LOCAL_FILE_TYPES:
             raise DataError(f"{name}: unsupported file type {extension!r}; use one of {sorted(LOCAL_FILE_TYPES)}")
+        check_data_file(name)
         raw = load_local(name, [name], LOCAL_FILE_TYPES[extension], data_files=name)
         return raw, name if is_json_lines(name) else None
     if os.path.isdir(name):
         files = sorted(os.path.join(root, file) for root, _, names in os.walk(name) for file in names)
+        data_files = [path for path in files if path.lower().endswith(tuple(LOCAL_FILE_TYPES))]
+        if not data_files:
+            found = f"it holds {[os.path.relpath(path, name) for path in files[:ROWS_NAMED]]}" if files else "it is empty"
+            raise DataError(f"{name}: no data file ({', '.join(sorted(LOCAL_FILE_TYPES))}) in this folder; {found}")
+        for path in data_files:
+            check_data_file(path)
         return load_local(name, files, name, config), None
     if name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise DataError(f"{name}: no such file or folder")  # a path, not a Hub name: don't ask the Hub
@@ -294,10 +301,26 @@ def load_local(name: str, files: list[str], *load_args, **load_kwargs) -> Datase
         raise DataError(f"{name}: cannot be read: {type(cause).__name__}: {cause}") from error
 
 
+def check_data_file(path: str) -> None:
+    """Refuse, naming the file (and line), what `datasets` reports as a bare StopIteration or UnicodeDecodeError,
+    or not at all until a row is read: an empty file, and a text file (JSON, CSV) that is not UTF-8."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file, no rows")
+    if not path.lower().endswith((".json", ".jsonl", ".csv")):
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column "
+                                f"{error.start + 1}); save the file as UTF-8") from None
+
+
 def check_json_file(path: str) -> None:
     """Raise a DataError at the first line of `path` that is not a JSON object (JSON Lines), unless the whole
-    file is one JSON document (a .json array of rows)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    file is one JSON document (a .json array of rows). A byte order mark is not part of line 1's JSON."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         text = f.read()
     if text.lstrip().startswith("["):
         try:
