@@ -17,6 +17,7 @@ from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit
                                  resolve_resume)
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.dry_run import dry_run_report
 from utils.errors import ConfigError, NonFiniteError
 from utils.generation import sample_completions
 from utils.guards import NonFiniteGuard
@@ -76,6 +77,10 @@ class DPOArguments(TrainingArguments):
                                         "memory (4096 x 32k vocab x fp32 = 0.5 GB); beyond one chunk, each is "
                                         "recomputed in backward."})
     disable_dropout: bool = field(default=True, metadata={"help": "Zero all dropout so log-probs are deterministic."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Load and tokenise the data, apply the row policy, look up the reference "
+                                         "cache and estimate the memory of a step; print the report and stop, "
+                                         "writing nothing."})
     toy_reward_prompts: int = field(
         default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
                                      "log the mean ground-truth reward (0: off)."})
@@ -213,12 +218,16 @@ def toy_reward_report(model, tokenizer, num_prompts: int, seed: int, when: str) 
     return mean_reward
 
 
-def main(argv: list[str] | None = None) -> DPOTrainer:
+def main(argv: list[str] | None = None) -> DPOTrainer | None:
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, DPOArguments), argv)
     setup_logging(args)
     check_ranges(model_args, data_args, args)
     check_arguments(model_args, args)
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.dry_run:  # the run before the run: rows, lengths, tokens per step, reference cache, memory
+        report = dry_run_report(model_args, data_args, args)
+        print(report if args.should_log else "", end="\n" if args.should_log else "")
+        return None
 
     # model
     tokenizer = load_tokenizer(model_args)

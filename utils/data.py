@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
 from utils import toy_task
@@ -573,17 +575,41 @@ def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int,
         drop = SAME_TOKENS
     else:
         drop = KEPT
+    untruncated_lengths = [len(prefix_ids) + len(prompt_ids), len(chosen_ids), len(rejected_ids)]
     prompt_ids, chosen_ids, rejected_ids = fitted or (prefix_ids + prompt_ids, [], [])
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids,
-            "drop": drop}
+            "drop": drop, "untruncated_lengths": untruncated_lengths}
 
 
-def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_proc: int | None) -> Dataset:
+@dataclass
+class RowTally:
+    """What the row policy did to one source split: `dropped` {reason: source rows}, `empty` the kept rows with an
+    empty answer, and `untruncated_lengths` [kept pairs, 3] (prompt with its special tokens, chosen, rejected)
+    beside `lengths`, the same as training sees them."""
+    source: Source
+    total: int
+    dropped: dict[int, np.ndarray]
+    empty: np.ndarray
+    untruncated_lengths: np.ndarray
+    lengths: np.ndarray
+
+
+def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_proc: int | None,
+                     tallies: list[RowTally] | None = None) -> Dataset:
     """The pairs that train: each reason to drop a pair, and empty answers (which train), counted in one warning
-    naming the first rows; a DataError when nothing is left. Reads three integer columns, not the rows."""
+    naming the first rows; a DataError when nothing is left. Reads three integer columns, not the rows. With
+    `tallies`, appends this split's RowTally to it (for --dry_run)."""
     table = tokenized.select_columns(["drop", "empty_answer", "row_index"]).with_format("arrow")[:]
     drop, empty, row_index = (table.column(name).to_numpy() for name in ("drop", "empty_answer", "row_index"))
     total = len(drop)
+    if tallies is not None:
+        ids = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        lengths = tokenized.select_columns(["untruncated_lengths", *ids]).with_format("arrow")[:]
+        untruncated = pc.list_flatten(lengths.column("untruncated_lengths")).to_numpy().reshape(-1, 3)
+        kept_lengths = np.stack([pc.list_value_length(lengths.column(name)).to_numpy() for name in ids], axis=1)
+        kept = drop == KEPT
+        tallies.append(RowTally(source, total, {reason: row_index[drop == reason] for reason in DROP_REASONS},
+                                row_index[empty & kept], untruncated[kept], kept_lengths[kept]))
     counts = {}
     for reason, (why, how_to_keep) in DROP_REASONS.items():
         rows = row_index[drop == reason]
@@ -606,7 +632,8 @@ def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_pr
     return tokenized.select_columns(PAIR_COLUMNS)
 
 
-def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, source: Source | None = None) -> Dataset:
+def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, source: Source | None = None,
+                  tallies: list[RowTally] | None = None) -> Dataset:
     """Raw rows -> validated texts -> token ids, with the row policy applied. Cached by `datasets` for file and
     Hub sources. Rows without a `row_index` column are numbered here."""
     source = source or Source(args.dataset_name, split)
@@ -625,18 +652,38 @@ def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, sour
                                          truncation_mode=args.truncation_mode,
                                          max_prompt_length=args.max_prompt_length),
                           desc=f"Tokenising {source}")
-    return apply_row_policy(tokenized, source, args.max_length, args.dataset_num_proc)
+    return apply_row_policy(tokenized, source, args.max_length, args.dataset_num_proc, tallies)
 
 
-def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
-    """'train' (and 'test', where the source has one or one is held out) as token ids with `row_index`.
+def local_main_process_first(function):
+    """`function` run by each machine's main process first, then by the others: the first tokenises into the
+    `datasets` cache, the others read it, instead of every process tokenising and racing on the same cache files.
+    accelerate's main_process_first, except that an error on the main process still releases the others (they then
+    meet the same error) rather than leaving them waiting at the barrier."""
+    @functools.wraps(function)
+    def first_on_the_local_main_process(*args, **kwargs):
+        state = PartialState()
+        if not state.is_local_main_process:
+            state.wait_for_everyone()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if state.is_local_main_process:
+                state.wait_for_everyone()
+    return first_on_the_local_main_process
+
+
+@local_main_process_first
+def load_preference_data(args: DataArguments, tokenizer, tallies: list[RowTally] | None = None) -> DatasetDict:
+    """'train' (and 'test', where the source has one or one is held out) as token ids with `row_index`; with
+    `tallies`, each source split's RowTally appended to it.
 
     Each source split is prepared on its own, so that messages name the source, split and row; a mixture's parts
     are then concatenated and shuffled, and a test split held out (test_split_size, or eval_fraction) last."""
     mixture = mixture_parts(args)
     parts = {"train": [], "test": []}
     for role, source, raw in raw_parts(args, mixture):
-        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source))
+        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source, tallies))
     data = DatasetDict()
     for role, prepared in parts.items():
         if prepared:
