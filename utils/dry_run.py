@@ -106,6 +106,7 @@ def dry_run_report(model_args, data_args, args) -> str:
     model = load_model(model_args, tokenizer, packed=args.padding_free, meta=True)
     if model_args.use_peft:
         model = apply_lora(model, model_args)
+    model.config.use_cache = args.use_cache  # as the Trainer sets it before the fingerprint is taken
     lines += reference_report(model_args, data_args, args, model, dataset)
     index = 1 if args.padding_free else 0  # the largest micro-batch as this run collates it
     largest = max(batches, key=lambda batch: batch[index])
