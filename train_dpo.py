@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer | None:
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if args.dry_run:  # the run before the run: rows, lengths, tokens per step, reference cache, memory
         report = dry_run_report(model_args, data_args, args)
-        print(report if args.should_log else "", end="\n" if args.should_log else "")
+        if args.should_log:
+            print(report)
         return None
 
     # model

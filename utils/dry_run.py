@@ -7,6 +7,7 @@ nothing is trained, scored or written (the `datasets` cache aside, which trainin
 import os
 
 import numpy as np
+import pyarrow.compute as pc
 from accelerate import PartialState
 
 from utils.data import DROP_REASONS, load_preference_data
@@ -49,8 +50,8 @@ def micro_batches(dataset, batch_size: int, seed: int) -> list[tuple[int, int, i
     """(padded tokens, real tokens, completion tokens, longest sequence) of each micro-batch of one epoch in a
     shuffled order (the Trainer's sampler shuffles too): chosen and rejected of B pairs as 2B rows."""
     table = dataset.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]).with_format(
-        "numpy")
-    prompt, chosen, rejected = (np.array([len(ids) for ids in table[name]]) for name in table.column_names)
+        "arrow")[:]
+    prompt, chosen, rejected = (pc.list_value_length(column).to_numpy() for column in table.columns)
     order = np.random.default_rng(seed).permutation(len(prompt))
     batches = []
     for start in range(0, len(order), batch_size):

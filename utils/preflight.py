@@ -22,7 +22,7 @@ RANGES = {
     **dict.fromkeys(("beta", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "max_length", "max_prompt_length", "logps_chunk_size", "precompute_ref_batch_size",
                      "adam_epsilon", "logging_steps", "save_steps", "eval_steps", "dataset_num_proc", "lora_r",
-                     "lora_alpha", "toy_num_train_pairs", "toy_bt_temperature"), POSITIVE),
+                     "lora_alpha", "toy_num_train_pairs", "toy_bt_temperature", "pad_to_multiple_of"), POSITIVE),
     **dict.fromkeys(("learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "rpo_alpha", "loss_weights",
                      "toy_num_eval_pairs"), NON_NEGATIVE),
     **dict.fromkeys(("eval_fraction", "lora_dropout", "adam_beta1", "adam_beta2"), FRACTION),
