@@ -126,9 +126,6 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     if args.simpo_gamma is not None and not readers["simpo_gamma"]:
         raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
                           "simpo")
-    for name in ("logps_chunk_size", "precompute_ref_batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
     window = model_sliding_window(model_args)  # from the config alone: nothing is loaded yet
     if args.padding_free is None:
         args.padding_free = packed_rows_by_default(args.use_cpu, args.bf16 or args.fp16, window)
