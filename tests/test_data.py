@@ -875,13 +875,15 @@ def _readme_only(path):
 
 @pytest.mark.parametrize("name, make, message", [
     ("pairs.jsonl", lambda path: path.write_text(""), "{path}: empty file, no rows"),
+    ("pairs.jsonl", lambda path: path.write_text("\n  \n"), "{path}: empty file, no rows"),
+    ("pairs.csv", lambda path: path.write_text("prompt,chosen,rejected\n"), "{path}: no rows"),
     ("pairs", lambda path: path.mkdir(), "{path}: no data file (.csv, .json, .jsonl, .parquet) in this folder; "
                                          "it is empty"),
     ("pairs", _readme_only, "{path}: no data file (.csv, .json, .jsonl, .parquet) in this folder; it holds "
                             "['README.txt']"),
     ("pairs.jsonl", _latin1_pairs, "{path} line 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
     ("pairs.jsonl", _bom_and_broken_line_5, "{path} line 5: invalid JSON (Expecting value, column 27)"),
-], ids=["empty-file", "empty-folder", "readme-only", "not-utf8", "bom-broken-line-5"])
+], ids=["empty-file", "blank-lines", "header-only", "empty-folder", "readme-only", "not-utf8", "bom-broken-line-5"])
 def test_a_data_source_that_cannot_be_read_is_one_line_naming_file_and_line(name, make, message, tmp_path, capsys):
     from utils.cli import run_script
 

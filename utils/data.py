@@ -299,6 +299,8 @@ def load_local(name: str, files: list[str], *load_args, **load_kwargs) -> Datase
         for path in files:
             if path.endswith((".json", ".jsonl")):
                 check_json_file(path)
+        if "corresponds to no data" in str(error):  # e.g. a CSV file with its header only
+            raise DataError(f"{name}: no rows") from None
         cause = error.__cause__ or error
         raise DataError(f"{name}: cannot be read: {type(cause).__name__}: {cause}") from error
 
@@ -310,13 +312,17 @@ def check_data_file(path: str) -> None:
         raise DataError(f"{path}: empty file, no rows")
     if not path.lower().endswith((".json", ".jsonl", ".csv")):
         return
+    blank = True
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise DataError(f"{path} line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column "
                                 f"{error.start + 1}); save the file as UTF-8") from None
+            blank = blank and not text.strip()
+    if blank:
+        raise DataError(f"{path}: empty file, no rows")
 
 
 def check_json_file(path: str) -> None:
