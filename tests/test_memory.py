@@ -31,6 +31,9 @@ def test_states_are_the_real_model_s_bytes(use_peft):
     sgd, _ = estimate_peak_memory(meta, args(optim="sgd"), tokens=64, completion_tokens=32, sequence_length=16,
                                   world_size=1)
     assert sgd.optimizer == 0
+    frozen, _ = estimate_peak_memory(meta, args(), tokens=64, completion_tokens=32, sequence_length=16, world_size=1,
+                                     frozen_reference=True)
+    assert (estimate.reference_copy, frozen.reference_copy) == (0, weights)
     chunk = 32 * real.get_output_embeddings().out_features * (8 + 4)
     assert estimate.logps_chunk == chunk
 

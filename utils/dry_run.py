@@ -111,8 +111,11 @@ def dry_run_report(model_args, data_args, args) -> str:
     lines += reference_report(model_args, data_args, args, model, dataset)
     index = 1 if args.padding_free else 0  # the largest micro-batch as this run collates it
     largest = max(batches, key=lambda batch: batch[index])
+    frozen_reference = (not args.precompute_ref_log_probs and not args.reference_free
+                        and uses_reference(args.loss_type) and not model_args.use_peft)
     estimate, engine = estimate_peak_memory(model, args, tokens=largest[index], completion_tokens=largest[2],
-                                            sequence_length=largest[3], world_size=world_size)
+                                            sequence_length=largest[3], world_size=world_size,
+                                            frozen_reference=frozen_reference)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"peak memory per device, estimated ({engine}; {parameters / 1e6:.1f}M parameters, "

@@ -2,7 +2,7 @@
 weights), its dtype, the micro-batch and the engine, for --dry_run. The formula and its check against measured
 peaks on CPU are in docs/scaling.md ("Estimating a run's memory").
 
-    weights     P x bytes per weight (sharded engines: / N)
+    weights     P x bytes per weight (sharded engines: / N); a frozen reference copy as much again
     gradients   T x bytes (T: trainable parameters)
     optimizer   T x state bytes (AdamW: 2 states of the weight's dtype; ZeRO-3 12 B fp32 master+m+v; sgd none)
     autocast    T x 2 bytes: bf16/fp16 copies of float32 trainable weights, cached for the step
@@ -33,6 +33,7 @@ RUNTIME_BYTES = {"cpu": 54 * 2**20, "cuda": 512 * 2**20}
 class MemoryEstimate:
     """Bytes per device, by part."""
     weights: float
+    reference_copy: float
     gradients: float
     optimizer: float
     autocast_copies: float
@@ -86,10 +87,11 @@ def activation_elements_per_token(config, attention: str, sequence_length: int) 
 
 
 def estimate_peak_memory(model, args, *, tokens: int, completion_tokens: int, sequence_length: int,
-                         world_size: int) -> tuple[MemoryEstimate, str]:
+                         world_size: int, frozen_reference: bool = False) -> tuple[MemoryEstimate, str]:
     """(estimate per device, the engine it assumed) for a training step of `tokens` positions in the micro-batch
     (padding included, or not where rows are packed), `completion_tokens` of them through the output layer, the
-    longest sequence `sequence_length`. `model` may live on the meta device."""
+    longest sequence `sequence_length`; `frozen_reference`: a copy of the weights scores the reference every step.
+    `model` may live on the meta device."""
     parameters = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in parameters)
     trainable = [p for p in parameters if p.requires_grad]
@@ -123,5 +125,7 @@ def estimate_peak_memory(model, args, *, tokens: int, completion_tokens: int, se
     vocab = model.get_output_embeddings().out_features
     logps_chunk = chunk * vocab * (8 + compute_bytes)
     runtime = RUNTIME_BYTES["cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"]
-    estimate = MemoryEstimate(weights, gradients, optimizer, autocast, activations, logps_chunk, runtime)
+    reference_copy = weights if frozen_reference else 0
+    estimate = MemoryEstimate(weights, reference_copy, gradients, optimizer, autocast, activations, logps_chunk,
+                              runtime)
     return estimate, f"{engine}{f' ZeRO-{stage}' if engine == 'deepspeed' else ''} on {shards} process(es)"
