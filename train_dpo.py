@@ -17,6 +17,7 @@ from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit
                                  resolve_resume)
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
+from utils.dry_run import dry_run_report
 from utils.errors import ConfigError, NonFiniteError
 from utils.families import check_model_family, packing_unfit
 from utils.generation import sample_completions
@@ -28,7 +29,8 @@ from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, c
                             load_model, load_tokenizer, model_attention, model_sliding_window, packed_rows_by_default,
                             router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
-from utils.reference import ReferenceScoring
+from utils.preflight import check_ranges, check_writable, disk_full_as_error
+from utils.reference import ReferenceScoring, default_cache_dir
 
 logger = logging.getLogger("train_dpo")
 
@@ -86,6 +88,10 @@ class DPOArguments(TrainingArguments):
     check_step0_rewards: bool = field(
         default=True, metadata={"help": "At a fresh start, check that step 0's implicit rewards are 0 (the reference "
                                         "scores what the initial policy scores); otherwise stop. Costs nothing."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Load and tokenise the data, apply the row policy, look up the reference "
+                                         "cache and estimate the memory of a step; print the report and stop, "
+                                         "writing nothing."})
     toy_reward_prompts: int = field(
         default=0, metadata={"help": "Toy task: sample this many held-out prompts before and after training and "
                                      "log the mean ground-truth reward (0: off)."})
@@ -108,10 +114,9 @@ class DPOArguments(TrainingArguments):
 
 
 def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
-    """Flag combinations that cannot work, refused before anything is loaded or written (which flags a loss reads
-    comes from the registry, utils/losses.py); and --padding_free's default, which depends on the model's config."""
-    if args.beta <= 0:
-        raise ConfigError(f"--beta must be > 0, got {args.beta}")
+    """Flag combinations that cannot work and folders that cannot be written, refused before anything is loaded or
+    written (which flags a loss reads comes from the registry, utils/losses.py; each flag's range is checked by
+    utils/preflight.py check_ranges); and --padding_free's default, which depends on the model's config."""
     unknown = [name for name in args.loss_type if name not in LOSSES]
     if unknown:
         raise ConfigError(f"--loss_type {unknown}: unknown; choose from {list(LOSSES)}")
@@ -132,9 +137,6 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     if args.simpo_gamma is not None and not readers["simpo_gamma"]:
         raise ConfigError(f"--simpo_gamma has no meaning for --loss_type {' '.join(args.loss_type)}; it applies to "
                           "simpo")
-    for name in ("logps_chunk_size", "precompute_ref_batch_size", "pad_to_multiple_of"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
     model_class = causal_lm_class(model_args)  # from the config alone: nothing is loaded yet
     check_model_family(model_class, training=True)
     window, unfit = model_sliding_window(model_args), packing_unfit(model_class)
@@ -145,6 +147,9 @@ def check_arguments(model_args: ModelArguments, args: DPOArguments) -> None:
     attention = model_attention(model_args, args.padding_free, compute_dtype(args))
     if args.padding_free and attention not in PACKED_ROW_ATTENTIONS:
         raise ConfigError(f"--padding_free needs --attn_implementation in {PACKED_ROW_ATTENTIONS}, not {attention}")
+    check_writable(args.output_dir, "output_dir")
+    if args.precompute_ref_log_probs and not args.reference_free and uses_reference(args.loss_type):
+        check_writable(args.ref_logps_cache_dir or default_cache_dir(), "ref_logps_cache_dir")
 
 
 class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckpointLoading):
@@ -222,11 +227,17 @@ def toy_reward_report(model, tokenizer, num_prompts: int, seed: int, when: str) 
     return mean_reward
 
 
-def main(argv: list[str] | None = None) -> DPOTrainer:
+def main(argv: list[str] | None = None) -> DPOTrainer | None:
     model_args, data_args, args = parse_args((ModelArguments, DataArguments, DPOArguments), argv)
     setup_logging(args)
+    check_ranges(model_args, data_args, args)
     check_arguments(model_args, args)
     resume_from = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    if args.dry_run:  # the run before the run: rows, lengths, tokens per step, reference cache, memory
+        report = dry_run_report(model_args, data_args, args)
+        if args.should_log:
+            print(report)
+        return None
 
     # model
     tokenizer = load_tokenizer(model_args)
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
     # train
     try:
-        with interrupt:
+        with interrupt, disk_full_as_error(args.output_dir, "a checkpoint"):
             result = trainer.train(resume_from_checkpoint=resume_from)
     except NonFiniteError:
         logger.error("last good checkpoint: %s", latest_checkpoint(args.output_dir) or "none saved")
@@ -265,8 +276,9 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     # save
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the final model is one Hugging Face checkpoint
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
-    trainer.save_state()
+    with disk_full_as_error(args.output_dir, "the model"):
+        trainer.save_model()
+        trainer.save_state()
     logger.info("saved to %s", os.path.abspath(args.output_dir))
     return trainer
 

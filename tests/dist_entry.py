@@ -68,6 +68,25 @@ def recording_save_file(tensors, path, *args, **kwargs):
 
 reference.score_dataset, reference.save_file = recording_score_dataset, recording_save_file
 
+if os.environ.get("DPO_TEST_RECORD_DATA") == "1":  # who tokenises, and what each rank's splits hold
+    from utils import data, dry_run  # noqa: E402
+
+    tokenize_row, load_preference_data = data.tokenize_row, data.load_preference_data
+
+    def recording_tokenize_row(row, *args, **kwargs):
+        record(event="tokenise", row=row["row_index"])
+        return tokenize_row(row, *args, **kwargs)
+
+    def recording_load_preference_data(*args, **kwargs):
+        dataset = load_preference_data(*args, **kwargs)
+        for split, rows in dataset.items():
+            record(event="split", split=split, rows=rows.to_dict(),
+                   cache_files=sorted(file["filename"] for file in rows.cache_files))
+        return dataset
+
+    data.tokenize_row = recording_tokenize_row
+    dry_run.load_preference_data = recording_load_preference_data
+
 if os.environ.get("DPO_TEST_NAN_RANK"):  # this rank's loss turns NaN on its first micro-batch of step 2
     compute_loss = train_dpo.DPOTrainer.compute_loss
 

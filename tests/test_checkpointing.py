@@ -4,6 +4,7 @@ to the same weights; the best model comes back whole; "latest" skips incomplete 
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,3 +150,26 @@ def test_latest_skips_an_incomplete_checkpoint(tmp_path, caplog):
         resolve_resume("latest", str(tmp_path / "empty"))
     assert resolve_resume(None, str(tmp_path)) is None
     assert latest_checkpoint(str(tmp_path / "empty")) is None
+
+
+@pytest.mark.parametrize("when", ["checkpoint", "final"])
+def test_a_full_disk_at_save_time_is_one_line_naming_the_folder(when, tmp_path, capsys, monkeypatch):
+    """The disk fills while the model is written (transformers' save_pretrained): one `error:` line naming the
+    output folder and its free space, exit status 2, no traceback."""
+    import transformers.modeling_utils
+
+    from utils.cli import run_script
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    save = ["--save_strategy", "steps", "--save_steps", "1"] if when == "checkpoint" else ["--save_strategy", "no"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(tiny_run_args(tmp_path, "--max_steps", "1", *save)))
+    err = capsys.readouterr().err  # progress bars aside: one error line, no traceback
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    what = "a checkpoint" if when == "checkpoint" else "the model"
+    assert exit_info.value.code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert re.fullmatch(rf"error: no space left on the device of {tmp_path / 'out'} while saving {what} "
+                        r"\(\d+\.\d\d GiB free\): .*", errors[0])

@@ -855,3 +855,50 @@ def test_row_index_names_source_rows_and_reaches_the_batch(tokenizer):
     assert pairs["row_index"] == [0, 2]
     batch = PreferenceCollator(tokenizer.pad_token_id)(list(pairs))
     assert batch["row_index"].tolist() == [0, 2]
+
+
+def _latin1_pairs(path):
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps({**OTHER, "prompt": "caf\xe9"}, ensure_ascii=False)
+                     .encode("latin-1") + b"\n")
+
+
+def _bom_and_broken_line_5(path):
+    lines = [json.dumps(GOOD), json.dumps(OTHER)] * 3
+    lines[4] = '{"prompt": "x", "chosen": '
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+
+
+def _readme_only(path):
+    path.mkdir()
+    (path / "README.txt").write_text("pairs for the demo\n")
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("pairs.jsonl", lambda path: path.write_text(""), "{path}: empty file, no rows"),
+    ("pairs.jsonl", lambda path: path.write_text("\n  \n"), "{path}: empty file, no rows"),
+    ("pairs.csv", lambda path: path.write_text("prompt,chosen,rejected\n"), "{path}: no rows"),
+    ("pairs", lambda path: path.mkdir(), "{path}: no data file (.csv, .json, .jsonl, .parquet) in this folder; "
+                                         "it is empty"),
+    ("pairs", _readme_only, "{path}: no data file (.csv, .json, .jsonl, .parquet) in this folder; it holds "
+                            "['README.txt']"),
+    ("pairs.jsonl", _latin1_pairs, "{path} line 2: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"),
+    ("pairs.jsonl", _bom_and_broken_line_5, "{path} line 5: invalid JSON (Expecting value, column 27)"),
+], ids=["empty-file", "blank-lines", "header-only", "empty-folder", "readme-only", "not-utf8", "bom-broken-line-5"])
+def test_a_data_source_that_cannot_be_read_is_one_line_naming_file_and_line(name, make, message, tmp_path, capsys):
+    from utils.cli import run_script
+
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(tiny_run_args(tmp_path, "--dataset_name", str(path))))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == ["error: " + message.format(path=path)]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(OTHER) + "\n", encoding="utf-8-sig")
+    assert load_preference_data(DataArguments(dataset_name=str(path)), tokenizer)["train"]["prompt"] == \
+        [GOOD["prompt"], OTHER["prompt"]]

@@ -219,3 +219,21 @@ def test_recipes_parse(recipe, tmp_path):
         assert args.beta == 0.01 and args.warmup_steps == 0.1 and args.lr_scheduler_type == "cosine"
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         assert (args.learning_rate, batch) == ((5e-6, 32) if model_args.use_peft else (5e-7, 128 // 16))
+
+
+def test_each_machine_tokenises_once_and_every_rank_reads_the_same_rows(tmp_path, rows_file):
+    """Two processes on one machine: the local main process tokenises into the datasets cache, the other reads
+    that cache (tokenises nothing), and both hold the same rows from the same cache files."""
+    rows = [{"prompt": f"prompt {i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(24)]
+    path = rows_file("pairs.jsonl", rows)
+    env = dict(os.environ, DPO_TEST_RECORD_DATA="1", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    _, events = run(tmp_path, "two", "--dataset_name", path, "--eval_fraction", "0.25", "--use_cpu", "true",
+                    "--dry_run", processes=2, env=env)
+    tokenised = sorted((e["rank"], e["row"]) for e in events if e["event"] == "tokenise")
+    assert tokenised == [(0, row) for row in range(24)]  # rank 0 only, each row once
+    splits = {(e["rank"], e["split"]): e for e in events if e["event"] == "split"}
+    assert sorted(splits) == [(0, "test"), (0, "train"), (1, "test"), (1, "train")]
+    for split in ("train", "test"):
+        assert splits[0, split]["rows"] == splits[1, split]["rows"]
+        assert splits[0, split]["cache_files"] == splits[1, split]["cache_files"] != []
+    assert not (tmp_path / "two").exists() and not (tmp_path / "cache").exists()  # a dry run writes nothing

@@ -10,6 +10,7 @@ import time
 
 import huggingface_hub
 import pytest
+import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
@@ -350,3 +351,45 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_save(tmp_path):
     reference.save_cache(path, {"ref_chosen_logps": torch.zeros(3), "ref_rejected_logps": torch.ones(3)}, "fp")
     assert sorted(os.listdir(tmp_path)) == ["fp.safetensors", "fp.safetensors.busy.tmp",  # maybe still writing
                                             "other.safetensors.dead.tmp"]  # another file's, left to its writer
+
+
+def run_as_command(argv, capsys) -> tuple[int, list[str]]:
+    """train_dpo as a user runs it (run_script): exit status and stderr lines, less scoring's progress bars."""
+    import train_dpo
+    from utils.cli import run_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lambda: train_dpo.main(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, [line for line in lines if not line.startswith("reference log-probs")]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), safetensors.SafetensorError(
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')],
+    ids=["oserror", "safetensors"])
+def test_a_full_cache_disk_is_one_line_and_leaves_no_temporary_file(error, tmp_path, capsys, monkeypatch):
+    from helpers import tiny_run_args
+
+    def full_disk(tensors, path, *args, **kwargs):
+        with open(path, "wb") as half_written:
+            half_written.write(b"half a file")
+        raise error
+
+    monkeypatch.setattr(reference, "save_file", full_disk)
+    status, lines = run_as_command(tiny_run_args(tmp_path, "--max_steps", "1"), capsys)
+    assert status == 2 and len(lines) == 1
+    assert re.fullmatch(rf"error: no space left on the device of {tmp_path / 'cache'} while saving reference "
+                        r"log-probs \(\d+\.\d\d GiB free\): .*", lines[0])
+    assert os.listdir(tmp_path / "cache") == [] and os.listdir(tmp_path / "out") == []  # the Trainer made it empty
+
+
+def test_a_folder_in_place_of_the_cache_file_stops_before_scoring(tmp_path, capsys, monkeypatch):
+    from helpers import tiny_run_args
+
+    monkeypatch.setattr(reference, "reference_fingerprint", lambda *args: "fp")
+    monkeypatch.setattr(reference, "score_dataset", lambda *args, **kwargs: pytest.fail("scored"))
+    (tmp_path / "cache" / "fp.safetensors").mkdir(parents=True)
+    status, lines = run_as_command(tiny_run_args(tmp_path), capsys)
+    assert (status, lines) == (2, [f"error: {tmp_path / 'cache' / 'fp.safetensors'}: a folder in place of the "
+                                   "reference cache file: move it away"])
+    assert list((tmp_path / "cache" / "fp.safetensors").iterdir()) == []

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, fields
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from trl.scripts.utils import DatasetConfig
 
@@ -325,10 +327,17 @@ def load_source(name: str, config: str | None, args: DataArguments) -> tuple[Dat
         extension = os.path.splitext(name)[1].lower()
         if extension not in LOCAL_FILE_TYPES:
             raise DataError(f"{name}: unsupported file type {extension!r}; use one of {sorted(LOCAL_FILE_TYPES)}")
+        check_data_file(name)
         raw = load_local(name, [name], LOCAL_FILE_TYPES[extension], data_files=name)
         return raw, name if is_json_lines(name) else None
     if os.path.isdir(name):
         files = sorted(os.path.join(root, file) for root, _, names in os.walk(name) for file in names)
+        data_files = [path for path in files if path.lower().endswith(tuple(LOCAL_FILE_TYPES))]
+        if not data_files:
+            found = f"it holds {[os.path.relpath(path, name) for path in files[:ROWS_NAMED]]}" if files else "it is empty"
+            raise DataError(f"{name}: no data file ({', '.join(sorted(LOCAL_FILE_TYPES))}) in this folder; {found}")
+        for path in data_files:
+            check_data_file(path)
         return load_local(name, files, name, config), None
     if name.endswith(tuple(LOCAL_FILE_TYPES)) or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise DataError(f"{name}: no such file or folder")  # a path, not a Hub name: don't ask the Hub
@@ -344,14 +353,36 @@ def load_local(name: str, files: list[str], *load_args, **load_kwargs) -> Datase
         for path in files:
             if path.endswith((".json", ".jsonl")):
                 check_json_file(path)
+        if "corresponds to no data" in str(error):  # e.g. a CSV file with its header only
+            raise DataError(f"{name}: no rows") from None
         cause = error.__cause__ or error
         raise DataError(f"{name}: cannot be read: {type(cause).__name__}: {cause}") from error
 
 
+def check_data_file(path: str) -> None:
+    """Refuse, naming the file (and line), what `datasets` reports as a bare StopIteration or UnicodeDecodeError,
+    or not at all until a row is read: an empty file, and a text file (JSON, CSV) that is not UTF-8."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file, no rows")
+    if not path.lower().endswith((".json", ".jsonl", ".csv")):
+        return
+    blank = True
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column "
+                                f"{error.start + 1}); save the file as UTF-8") from None
+            blank = blank and not text.strip()
+    if blank:
+        raise DataError(f"{path}: empty file, no rows")
+
+
 def check_json_file(path: str) -> None:
     """Raise a DataError at the first line of `path` that is not a JSON object (JSON Lines), unless the whole
-    file is one JSON document (a .json array of rows)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    file is one JSON document (a .json array of rows). A byte order mark is not part of line 1's JSON."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         text = f.read()
     if text.lstrip().startswith("["):
         try:
@@ -605,17 +636,41 @@ def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int,
         drop = SAME_TOKENS
     else:
         drop = KEPT
+    untruncated_lengths = [len(prefix_ids) + len(prompt_ids), len(chosen_ids), len(rejected_ids)]
     prompt_ids, chosen_ids, rejected_ids = fitted or (prefix_ids + prompt_ids, [], [])
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids,
-            "drop": drop}
+            "drop": drop, "untruncated_lengths": untruncated_lengths}
 
 
-def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_proc: int | None) -> Dataset:
+@dataclass
+class RowTally:
+    """What the row policy did to one source split: `dropped` {reason: source rows}, `empty` the kept rows with an
+    empty answer, and `untruncated_lengths` [kept pairs, 3] (prompt with its special tokens, chosen, rejected)
+    beside `lengths`, the same as training sees them."""
+    source: Source
+    total: int
+    dropped: dict[int, np.ndarray]
+    empty: np.ndarray
+    untruncated_lengths: np.ndarray
+    lengths: np.ndarray
+
+
+def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_proc: int | None,
+                     tallies: list[RowTally] | None = None) -> Dataset:
     """The pairs that train: each reason to drop a pair, and empty answers (which train), counted in one warning
-    naming the first rows; a DataError when nothing is left. Reads three integer columns, not the rows."""
+    naming the first rows; a DataError when nothing is left. Reads three integer columns, not the rows. With
+    `tallies`, appends this split's RowTally to it (for --dry_run)."""
     table = tokenized.select_columns(["drop", "empty_answer", "row_index"]).with_format("arrow")[:]
     drop, empty, row_index = (table.column(name).to_numpy() for name in ("drop", "empty_answer", "row_index"))
     total = len(drop)
+    if tallies is not None:
+        ids = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        lengths = tokenized.select_columns(["untruncated_lengths", *ids]).with_format("arrow")[:]
+        untruncated = pc.list_flatten(lengths.column("untruncated_lengths")).to_numpy().reshape(-1, 3)
+        kept_lengths = np.stack([pc.list_value_length(lengths.column(name)).to_numpy() for name in ids], axis=1)
+        kept = drop == KEPT
+        tallies.append(RowTally(source, total, {reason: row_index[drop == reason] for reason in DROP_REASONS},
+                                row_index[empty & kept], untruncated[kept], kept_lengths[kept]))
     counts = {}
     for reason, (why, how_to_keep) in DROP_REASONS.items():
         rows = row_index[drop == reason]
@@ -638,7 +693,8 @@ def apply_row_policy(tokenized: Dataset, source: Source, max_length: int, num_pr
     return tokenized.select_columns(PAIR_COLUMNS)
 
 
-def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, source: Source | None = None) -> Dataset:
+def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, source: Source | None = None,
+                  tallies: list[RowTally] | None = None) -> Dataset:
     """Raw rows -> validated texts -> token ids, with the row policy applied. Cached by `datasets` for file and
     Hub sources. Rows without a `row_index` column are numbered here."""
     source = source or Source(args.dataset_name, split)
@@ -657,18 +713,38 @@ def prepare_split(raw: Dataset, args: DataArguments, tokenizer, split: str, sour
                                          truncation_mode=args.truncation_mode,
                                          max_prompt_length=args.max_prompt_length),
                           desc=f"Tokenising {source}")
-    return apply_row_policy(tokenized, source, args.max_length, args.dataset_num_proc)
+    return apply_row_policy(tokenized, source, args.max_length, args.dataset_num_proc, tallies)
 
 
-def load_preference_data(args: DataArguments, tokenizer) -> DatasetDict:
-    """'train' (and 'test', where the source has one or one is held out) as token ids with `row_index`.
+def local_main_process_first(function):
+    """`function` run by each machine's main process first, then by the others: the first tokenises into the
+    `datasets` cache, the others read it, instead of every process tokenising and racing on the same cache files.
+    accelerate's main_process_first, except that an error on the main process still releases the others (they then
+    meet the same error) rather than leaving them waiting at the barrier."""
+    @functools.wraps(function)
+    def first_on_the_local_main_process(*args, **kwargs):
+        state = PartialState()
+        if not state.is_local_main_process:
+            state.wait_for_everyone()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if state.is_local_main_process:
+                state.wait_for_everyone()
+    return first_on_the_local_main_process
+
+
+@local_main_process_first
+def load_preference_data(args: DataArguments, tokenizer, tallies: list[RowTally] | None = None) -> DatasetDict:
+    """'train' (and 'test', where the source has one or one is held out) as token ids with `row_index`; with
+    `tallies`, each source split's RowTally appended to it.
 
     Each source split is prepared on its own, so that messages name the source, split and row; a mixture's parts
     are then concatenated and shuffled, and a test split held out (test_split_size, or eval_fraction) last."""
     mixture = mixture_parts(args)
     parts = {"train": [], "test": []}
     for role, source, raw in raw_parts(args, mixture):
-        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source))
+        parts[role].append(prepare_split(raw, args, tokenizer, source.split, source, tallies))
     data = DatasetDict()
     for role, prepared in parts.items():
         if prepared:

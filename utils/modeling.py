@@ -379,22 +379,30 @@ def quantization_config(args: ModelArguments):
 
 
 def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, packed: bool = False,
-               autocast_dtype=None):
+               autocast_dtype=None, meta: bool = False):
     """A causal LM (or, with `num_labels`, a sequence classifier sharing its body) from a preset or checkpoint;
     `packed`: it will see padding-free rows; `autocast_dtype`: the training's mixed precision, None where the model
-    computes in its weights' dtype (see resolve_attn_implementation)."""
+    computes in its weights' dtype (see resolve_attn_implementation). `meta`: the same model's structure on the meta
+    device, from the config alone (no weights read or allocated), for --dry_run."""
     auto_class = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     if num_labels is None:
         check_model_family(causal_lm_class(args))
     attn = model_attention(args, packed, autocast_dtype)
     dtype = resolve_dtype(args)
     extra = {} if num_labels is None else {"num_labels": num_labels}
-    if args.is_preset:
-        config = preset_config(args.model_name_or_path, tokenizer)
+    if args.is_preset or meta:
+        if args.is_preset:
+            config = preset_config(args.model_name_or_path, tokenizer)
+        else:
+            config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
+                                                trust_remote_code=args.trust_remote_code)
+            dtype = config.dtype if dtype == "auto" else dtype  # from_pretrained's "auto": the checkpoint's own
         for key, value in extra.items():
             setattr(config, key, value)
         torch.manual_seed(args.model_init_seed)
-        model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = auto_class.from_config(config, attn_implementation=attn, dtype=dtype,
+                                           trust_remote_code=args.trust_remote_code)
     else:
         quantization = quantization_config(args)
         if quantization is not None:  # quantized while loading, onto this process's GPU

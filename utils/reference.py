@@ -42,6 +42,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from utils.attention import packs_linearly
 from utils.errors import ConfigError
 from utils.logprobs import model_logps
+from utils.preflight import disk_full_as_error
 from utils.precision import compute_dtype
 from utils.trainer_hooks import HookedTrainer
 
@@ -290,8 +291,9 @@ def save_cache(path: str, tensors: dict[str, torch.Tensor], fingerprint: str) ->
     metadata = {"fingerprint": fingerprint, "rows": str(len(tensors[REF_COLUMNS[0]])),
                 "sha256": tensors_checksum(tensors)}
     try:
-        save_file(tensors, tmp_path, metadata=metadata)
-        os.replace(tmp_path, path)
+        with disk_full_as_error(directory, "reference log-probs"):
+            save_file(tensors, tmp_path, metadata=metadata)
+            os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):  # the write failed: leave no stray temporary file
             os.remove(tmp_path)
@@ -349,6 +351,8 @@ def load_cached_logps(dataset, *, fingerprint: str, cache_dir: str, split: str):
     local to the main node."""
     state = PartialState()
     path = os.path.join(cache_dir, f"{fingerprint}.safetensors")
+    if os.path.isdir(path):  # checked on every rank, so that all stop here, before scoring
+        raise ConfigError(f"{path}: a folder in place of the reference cache file: move it away")
     tensors = None
     if state.is_main_process:
         tensors, why = load_cache(path, fingerprint, len(dataset))
