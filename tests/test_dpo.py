@@ -7,12 +7,13 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 import train_dpo
-from helpers import add_reference_columns, loop_logps, tiny_run_args
+from helpers import loop_logps, tiny_run_args
 from train_dpo import DPOArguments, DPOTrainer
 from utils.cli import parse_args
 from utils.losses import LOSSES
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import PACKED_ROW_ATTENTIONS, ModelArguments, load_model, load_tokenizer
+from utils.reference import add_reference_columns
 
 
 def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-from helpers import add_reference_columns, loop_logps
+from helpers import loop_logps
 from utils import reference
+from utils.reference import add_reference_columns
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import AUTOCAST_GROUPED_MM, ModelArguments, apply_lora, load_model, load_tokenizer
 

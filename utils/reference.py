@@ -382,6 +382,21 @@ def reference_mode(model):
     return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
 
 
+def add_reference_columns(model, dataset_dict, collator, *, model_args, data_args, cache_dir: str, batch_size: int,
+                          dtype: torch.dtype = torch.float32):
+    """Every split of `dataset_dict` with reference columns scored by `model` on one process, through the cache:
+    this module's public steps without a Trainer (which scores through the engine's wrapped model), for tests and
+    benchmarks."""
+    with reference_mode(model):
+        for split, dataset in dataset_dict.items():
+            fingerprint = reference_fingerprint(model_args, model, dataset, data_args, dtype)
+            cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
+            dataset_dict[split] = cached if cached is not None else score_and_cache(
+                dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir, batch_size=batch_size,
+                split=split, dtype=dtype)
+    return dataset_dict
+
+
 class ReferenceScoring(HookedTrainer):
     """A Trainer mixin that gives each step the reference log-probs of its batch (`reference_logps`), one of three ways:
 
