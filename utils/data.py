@@ -567,13 +567,16 @@ def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: 
     2. If prefix + prompt + the longer completion still exceed max_length: keep_end cuts the prompt from the left
        again, to what leaves the completion whole but to no fewer than max_length // 2 tokens; keep_start keeps it.
     3. Completions are cut at the end to the room left (a cut completion has no eos: it was not finished).
+    A cut that leaves the prompt starting with the prefix again (Llama-2 and Mistral templates write bos before
+    every [INST] turn) drops that copy: the kept prefix already starts the sequence.
     """
     if max_prompt_length is not None:
-        prompt_ids = last(prompt_ids, max_prompt_length - len(prefix_ids))
+        prompt_ids = cut_left(prompt_ids, max_prompt_length - len(prefix_ids), prefix_ids)
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prefix_ids) + len(prompt_ids) + longest > max_length:
         if mode == "keep_end":
-            prompt_ids = last(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids))
+            prompt_ids = cut_left(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids),
+                                  prefix_ids)
         room = max_length - len(prefix_ids) - len(prompt_ids)
         if room <= 0:
             return None
@@ -584,6 +587,14 @@ def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: 
 def last(ids: list[int], count: int) -> list[int]:
     """The last `count` ids (none for count <= 0)."""
     return ids[max(len(ids) - max(count, 0), 0):]
+
+
+def cut_left(prompt_ids: list[int], count: int, prefix_ids: list[int]) -> list[int]:
+    """The last `count` prompt ids, less a copy of `prefix_ids` they start with where the cut removed something."""
+    kept = last(prompt_ids, count)
+    if prefix_ids and len(kept) < len(prompt_ids) and kept[:len(prefix_ids)] == prefix_ids:
+        return kept[len(prefix_ids):]
+    return kept
 
 
 def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int, truncation_mode: str,
