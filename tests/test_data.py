@@ -474,6 +474,17 @@ def test_pairs_identical_after_truncation_are_dropped_with_a_warning(tokenizer, 
         prepare([TRUNCATED_ALIKE], tokenizer, max_length=max_length)
 
 
+def test_pairs_that_differ_only_in_a_trailing_eos_are_dropped_without_advice_to_raise_max_length(tokenizer, caplog):
+    # every completion ends in eos, so " great" and " great</s>" are the same tokens however long max_length is
+    rows = [{"prompt": "i saw it.", "chosen": " great", "rejected": " great" + tokenizer.eos_token}, GOOD]
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer, max_length=10_000)
+    assert texts(data) == [GOOD]
+    (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert "dropped 1 of 2 pairs whose chosen and rejected differ as texts but tokenise the same" in message, message
+    assert "(row 0); no flag keeps them" in message and "max_length" not in message, message
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}

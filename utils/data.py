@@ -44,13 +44,16 @@ PAIR_COLUMNS = ["prompt", "chosen", "rejected", "prompt_input_ids", "chosen_inpu
                 "row_index"]  # what a prepared split holds
 
 # Why a pair is dropped (the `drop` column: 0 keeps it), and how to keep such pairs.
-KEPT, SAME_TEXTS, NO_ROOM, SAME_TOKENS = range(4)
+KEPT, SAME_TEXTS, NO_ROOM, SAME_KEPT_TOKENS, SAME_TOKENS = range(5)
 DROP_REASONS = {
     SAME_TEXTS: ("whose chosen equals rejected", ""),
     NO_ROOM: ("whose prompt leaves no room for a completion within max_length {max_length}",
               "raise --max_length, set --max_prompt_length or use --truncation_mode keep_end to keep them"),
-    SAME_TOKENS: ("whose chosen and rejected differ as texts but not as the tokens kept by max_length {max_length}",
-                  "raise --max_length to keep them"),
+    SAME_KEPT_TOKENS: ("whose chosen and rejected differ as texts but not as the tokens kept by max_length "
+                       "{max_length}", "raise --max_length to keep them"),
+    SAME_TOKENS: ("whose chosen and rejected differ as texts but tokenise the same (such as an answer with and "
+                  "without the eos text, which every completion ends in)",
+                  "no flag keeps them: they carry no preference, so make the answers differ or leave them out"),
 }
 
 
@@ -612,8 +615,8 @@ def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int,
         drop = SAME_TEXTS
     elif fitted is None:
         drop = NO_ROOM
-    elif fitted[1] == fitted[2]:  # texts that differ only past max_length
-        drop = SAME_TOKENS
+    elif fitted[1] == fitted[2]:  # texts that differ only past max_length, or not as tokens at all
+        drop = SAME_TOKENS if chosen_ids == rejected_ids else SAME_KEPT_TOKENS
     else:
         drop = KEPT
     prompt_ids, chosen_ids, rejected_ids = fitted or (prefix_ids + prompt_ids, [], [])
