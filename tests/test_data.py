@@ -675,8 +675,10 @@ def test_dataset_mixture_from_a_yaml_recipe(tmp_path, rows_file, tokenizer):
     # b: with the 'prompt' column selected away, implicit rows whose prompt is the shared dialog
     b_prompts = sorted(row["prompt"] for row in mixed if row["prompt"].startswith("\n\nHuman:"))
     assert b_prompts == sorted(f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(10))
-    for row in mixed:
-        source = a_rows if row["prompt"].startswith("a ") else b_rows if row["prompt"].startswith("\n") else None
+    for row in mixed:  # each row names its dataset split and its row there (row numbers repeat across parts)
+        path, source = (a, a_rows) if row["prompt"].startswith("a ") else (b, b_rows) if row["prompt"].startswith(
+            "\n") else (toy_task.TOY_DATASET_NAME, None)
+        assert row["source"] == f"{path} [{'test' if source is None else 'train'}]"
         if source is not None:
             assert row["chosen"] in source[row["row_index"]]["chosen"]  # row_index is the source's row
     toy_prompts = [row["prompt"] for row in mixed if not row["prompt"].startswith(("a ", "\n"))]
@@ -863,6 +865,6 @@ def test_missing_dataset_path(tmp_path):
 def test_row_index_names_source_rows_and_reaches_the_batch(tokenizer):
     rows = [GOOD, {**GOOD, "rejected": GOOD["chosen"]}, OTHER]  # the identical pair (row 1) is dropped
     pairs = prepare_split(Dataset.from_list(rows), DataArguments(dataset_name="inline"), tokenizer, "train")
-    assert pairs["row_index"] == [0, 2]
+    assert pairs["row_index"] == [0, 2] and pairs["source"] == ["inline [train]"] * 2
     batch = PreferenceCollator(tokenizer.pad_token_id)(list(pairs))
-    assert batch["row_index"].tolist() == [0, 2]
+    assert batch["row_index"].tolist() == [0, 2] and batch["source"] == ["inline [train]"] * 2

@@ -2,8 +2,8 @@
 format to prompt / chosen / rejected, tokenise once, and collate into padded chosen+rejected batches.
 
 The prompt/completion boundary is decided here, once, at tokenisation: every other module reads
-`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos), and `row_index`, the
-row in its source split.
+`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos), and `source` and
+`row_index`, the dataset split a pair comes from (`name [split]`, a mixture's part) and its row there.
 
 The row policy for real data is decided here too:
 - a broken schema (missing field, wrong type, invalid JSON, unknown role, a conversation not ending in an
@@ -41,7 +41,7 @@ MIXTURE_DATASET_KEYS = ("id", "config", "split", "columns", "weight")
 MIXER_SEED = 42  # alignment-handbook shuffles a dataset_mixer's splits with this fixed seed
 ROWS_NAMED = 5  # rows a warning names
 PAIR_COLUMNS = ["prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                "row_index"]  # what a prepared split holds
+                "source", "row_index"]  # what a prepared split holds
 
 # Why a pair is dropped (the `drop` column: 0 keeps it), and how to keep such pairs.
 KEPT, SAME_TEXTS, NO_ROOM, SAME_KEPT_TOKENS, SAME_TOKENS = range(5)
@@ -465,7 +465,8 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> dict:
     """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template), an
-    empty or blank answer as '' (it becomes an eos-only completion), and `empty_answer`, whether one is."""
+    empty or blank answer as '' (it becomes an eos-only completion), `empty_answer`, whether one is, and `source`,
+    the split it comes from (its row being `row_index`: in a mixture, row numbers alone repeat across parts)."""
     where = RowName(source, row["row_index"])
     fmt = detect_format(row, args)
     if fmt == "explicit":
@@ -480,7 +481,8 @@ def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> 
     else:
         prompt, chosen, rejected = _render_conversation(row, args, tokenizer, where)
     chosen, rejected = (text if text.strip() else "" for text in (chosen, rejected))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected)}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected),
+            "source": str(source)}
 
 
 def _render_conversation(row: dict, args: DataArguments, tokenizer, where: RowName) -> tuple[str, str, str]:
@@ -744,7 +746,8 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
 @dataclass
 class PreferenceCollator:
     """Rows -> one batch of 2B sequences (`collate_completions`): B prompt+chosen, then B prompt+rejected.
-    Reference log-prob columns and `row_index` (the rows' indices in their source split) pass through."""
+    Reference log-prob columns, `row_index` and `source` (the rows' indices in their source split, and its name, a
+    list of strings) pass through."""
     pad_token_id: int
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
@@ -754,6 +757,8 @@ class PreferenceCollator:
         batch = {key: torch.tensor([row[key] for row in rows], dtype=dtype) for key, dtype in
                  (("row_index", torch.long), ("ref_chosen_logps", torch.float32), ("ref_rejected_logps", torch.float32))
                  if key in rows[0]}
+        if "source" in rows[0]:
+            batch["source"] = [row["source"] for row in rows]
         prompts = [row["prompt_input_ids"] for row in rows] * 2
         completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
         batch.update(collate_completions(prompts, completions, self.pad_token_id, self.padding_free,
