@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -329,6 +330,26 @@ def test_remote_code_is_part_of_the_identity(hub_cache, tmp_path, checkpoint):
         code.resolve().write_text("SCALE = 2.0\n")
         assert reference.model_identity(remote, None) != before
         assert "modeling_tiny.py" not in reference.model_identity(ModelArguments(model_name_or_path=path), None)["files"]
+
+
+def test_a_hub_adapter_s_identity_holds_its_base_model_s_commit(hub_cache, tmp_path):
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    add_hub_commit(hub_cache, "org/tiny", "a" * 40, saved_tiny_model(tmp_path / "v1", tokenizer, seed=0))
+    save_adapter(tmp_path / "lora", tmp_path / "v1", tokenizer)
+    config_path = tmp_path / "lora" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "org/tiny"}))
+    add_hub_commit(hub_cache, "org/tiny-lora", "c" * 40, tmp_path / "lora")
+    model_args = ModelArguments(model_name_or_path="org/tiny-lora")
+    model = load_model(model_args, tokenizer)  # the adapter and its base, both from the Hub cache
+    assert isinstance(model, PeftModel)
+    first = reference.model_identity(model_args, model)
+    assert (first["commit"], first["base"]["commit"]) == ("c" * 40, "a" * 40)
+    assert reference.model_identity(model_args, model) == first  # the same base: a hit
+    add_hub_commit(hub_cache, "org/tiny", "b" * 40, saved_tiny_model(tmp_path / "v2", tokenizer, seed=1))
+    moved = reference.model_identity(model_args, model)
+    assert moved["base"]["commit"] == "b" * 40 and moved != first  # the base moved on, the adapter did not: a miss
 
 
 def test_hub_model_missing_from_the_cache_is_never_reused(hub_cache, caplog):

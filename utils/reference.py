@@ -125,8 +125,11 @@ def folder_files(path: str, suffixes: tuple[str, ...]) -> dict:
 def hub_snapshot(repo_id: str, revision: str) -> str | None:
     """The local Hub cache's folder of the commit `revision` points to: what from_pretrained has just loaded (it
     records a branch's commit under refs/ as it downloads). None where the model is not in the cache."""
-    config_path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return os.path.dirname(config_path) if isinstance(config_path, str) else None
+    for name in ("config.json", "adapter_config.json"):  # a model's, or an adapter's
+        config_path = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(config_path, str):
+            return os.path.dirname(config_path)
+    return None
 
 
 def model_identity(model_args, model) -> dict:
