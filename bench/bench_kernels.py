@@ -9,6 +9,7 @@
 Best of a few repeats, in milliseconds.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -72,7 +73,12 @@ def log_softmax(precision: str, tokens: int = 4096, dim: int = 384, vocab: int =
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
-    for precision in ("fp32", "bf16"):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)),
+                        help="torch's CPU threads (default: OMP_NUM_THREADS, else 2)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for precision in args.precisions:
         experts(precision)
         log_softmax(precision)

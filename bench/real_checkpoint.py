@@ -35,8 +35,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from utils.data import DataArguments, PreferenceCollator, load_preference_data, special_prefix_ids  # noqa: E402
-from utils.logprobs import model_logps  # noqa: E402
-from utils.modeling import PACKED_ATTENTION, ModelArguments, load_model, load_tokenizer  # noqa: E402
+from utils.attention import VARLEN_ATTENTION  # noqa: E402
+from utils.modeling import ModelArguments, load_model, load_tokenizer  # noqa: E402
 from utils.reference import add_reference_columns  # noqa: E402
 
 logger = logging.getLogger("real_checkpoint")
@@ -269,11 +269,11 @@ def parity(folder: str, workdir: str, num_pairs: int, max_length: int) -> dict:
         # whatever --padding_free says), into a fresh cache
         dataset = add_reference_columns(
             reference, load_preference_data(data_args, tokenizer), PreferenceCollator(tokenizer.pad_token_id),
-            model_args=model_args, data_args=data_args, device=torch.device("cpu"), batch_size=num_pairs,
+            model_args=model_args, data_args=data_args, batch_size=num_pairs,
             cache_dir=tempfile.mkdtemp(dir=os.path.join(workdir, "parity")))["train"]
         ours = {}
         for padding_free in (False, True):
-            policy.set_attn_implementation(PACKED_ATTENTION if padding_free else "sdpa")
+            policy.set_attn_implementation(VARLEN_ATTENTION if padding_free else "sdpa")
             ours["packed" if padding_free else "padded"] = our_first_batch(
                 policy, tokenizer, dataset, padding_free, os.path.join(workdir, "parity", "ours"))
         policy.set_attn_implementation("sdpa")

@@ -9,6 +9,7 @@ model's inner body called directly, as TRL's PPO calls the value model's backbon
 one model. The ground-truth reward is no model and counts nothing.
 """
 
+import argparse
 import json
 import os
 import runpy
@@ -52,7 +53,12 @@ class TokenCounter:
 
 
 def main():
-    counts_file, script, *flags = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("counts_file", help="where the counts go (JSON), written even if the script fails")
+    parser.add_argument("script", help="the script to run, as `python SCRIPT.py` runs it")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="the script's own flags")
+    args = parser.parse_args()
+    counts_file, script, flags = args.counts_file, args.script, args.flags
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)  # as `python SCRIPT.py` would put the script's folder first
     sys.argv = [script, *flags]

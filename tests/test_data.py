@@ -474,6 +474,17 @@ def test_pairs_identical_after_truncation_are_dropped_with_a_warning(tokenizer, 
         prepare([TRUNCATED_ALIKE], tokenizer, max_length=max_length)
 
 
+def test_pairs_that_differ_only_in_a_trailing_eos_are_dropped_without_advice_to_raise_max_length(tokenizer, caplog):
+    # every completion ends in eos, so " great" and " great</s>" are the same tokens however long max_length is
+    rows = [{"prompt": "i saw it.", "chosen": " great", "rejected": " great" + tokenizer.eos_token}, GOOD]
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        data = prepare(rows, tokenizer, max_length=10_000)
+    assert texts(data) == [GOOD]
+    (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert "dropped 1 of 2 pairs whose chosen and rejected differ as texts but tokenise the same" in message, message
+    assert "(row 0); no flag keeps them" in message and "max_length" not in message, message
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 GOOD = {"prompt": "i saw it.", "chosen": " good.", "rejected": " bad."}
@@ -664,8 +675,10 @@ def test_dataset_mixture_from_a_yaml_recipe(tmp_path, rows_file, tokenizer):
     # b: with the 'prompt' column selected away, implicit rows whose prompt is the shared dialog
     b_prompts = sorted(row["prompt"] for row in mixed if row["prompt"].startswith("\n\nHuman:"))
     assert b_prompts == sorted(f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(10))
-    for row in mixed:
-        source = a_rows if row["prompt"].startswith("a ") else b_rows if row["prompt"].startswith("\n") else None
+    for row in mixed:  # each row names its dataset split and its row there (row numbers repeat across parts)
+        path, source = (a, a_rows) if row["prompt"].startswith("a ") else (b, b_rows) if row["prompt"].startswith(
+            "\n") else (toy_task.TOY_DATASET_NAME, None)
+        assert row["source"] == f"{path} [{'test' if source is None else 'train'}]"
         if source is not None:
             assert row["chosen"] in source[row["row_index"]]["chosen"]  # row_index is the source's row
     toy_prompts = [row["prompt"] for row in mixed if not row["prompt"].startswith(("a ", "\n"))]
@@ -852,9 +865,9 @@ def test_missing_dataset_path(tmp_path):
 def test_row_index_names_source_rows_and_reaches_the_batch(tokenizer):
     rows = [GOOD, {**GOOD, "rejected": GOOD["chosen"]}, OTHER]  # the identical pair (row 1) is dropped
     pairs = prepare_split(Dataset.from_list(rows), DataArguments(dataset_name="inline"), tokenizer, "train")
-    assert pairs["row_index"] == [0, 2]
+    assert pairs["row_index"] == [0, 2] and pairs["source"] == ["inline [train]"] * 2
     batch = PreferenceCollator(tokenizer.pad_token_id)(list(pairs))
-    assert batch["row_index"].tolist() == [0, 2]
+    assert batch["row_index"].tolist() == [0, 2] and batch["source"] == ["inline [train]"] * 2
 
 
 def _latin1_pairs(path):

@@ -7,12 +7,13 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainerCallback
 
 import train_dpo
-from helpers import add_reference_columns, loop_logps, tiny_run_args
+from helpers import loop_logps, tiny_run_args
 from train_dpo import DPOArguments, DPOTrainer
 from utils.cli import parse_args
 from utils.losses import LOSSES
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import PACKED_ROW_ATTENTIONS, ModelArguments, load_model, load_tokenizer
+from utils.reference import add_reference_columns
 
 
 def build(tmp_path, policy_seed=0, ref_seed=1, **dpo_kwargs):
@@ -75,8 +76,11 @@ def test_first_batch_loss_metrics_and_gradients_match_trl(tmp_path, loss_type, l
     ours.log({})  # what a logging step would write
     logged = ours.state.log_history[-1]
     assert abs(logged["rewards/margins"]) > 1e-5  # policy != reference: a real comparison
-    # TRL's names mean TRL's quantities for every loss, per-token ones included (summed log-probs)
-    compared = ["aux_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    # TRL's names mean TRL's quantities for every loss, per-token ones included (summed log-probs); but TRL scores
+    # a reference for `sft` alone too, to log rewards, where we score none (it reads none)
+    compared = ["aux_loss", "logps/chosen", "logps/rejected"]
+    if LOSSES[loss_type[0]].uses_reference:
+        compared += ["rewards/chosen", "rewards/rejected", "rewards/margins"]
     assert any(name.startswith("rewards_per_token/") for name in logged) == LOSSES[loss_type[0]].per_token
     for name in compared:
         assert logged[name] == pytest.approx(trl._metrics["train"][name][0], abs=1e-4), name
@@ -309,9 +313,14 @@ def test_a_packed_training_step_reads_the_device_at_most_twice(tmp_path, precomp
     assert all(len(reads) <= 2 for reads in counter.per_step), counter.per_step
 
 
-def test_simpo_scores_no_reference_and_trains(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--rpo_alpha", "0.5"], ["--rpo_alpha", "0.5", "--precompute_ref_log_probs",
+                                                                   "false"]],
+                         ids=["simpo", "simpo-nll", "simpo-nll-no-precompute"])
+def test_simpo_scores_no_reference_and_trains(tmp_path, capsys, extra):
+    # with an NLL term (sft, which reads no reference either) and no precomputing: no frozen copy is made, so
+    # FSDP/ZeRO-3, which refuse one, are not refused
     trainer = train_dpo.main(tiny_run_args(tmp_path, "--loss_type", "simpo", "--beta", "2.0", "--simpo_gamma", "0.3",
-                                           "--max_steps", "2", "--learning_rate", "1e-3"))
+                                           "--max_steps", "2", "--learning_rate", "1e-3", *extra))
     assert not trainer.uses_reference and trainer.ref_model is None
     assert "reference log-probs" not in capsys.readouterr().out  # neither scored nor looked up
     assert not (tmp_path / "cache").exists()

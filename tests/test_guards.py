@@ -2,6 +2,8 @@
 anything of that step is saved; before the first step, log-probs that are not the model's own forward() or a reference
 that does not score what the initial policy scores stop it in one line."""
 
+import json
+
 import pytest
 import torch
 
@@ -94,3 +96,28 @@ def test_the_first_batch_checks_pass_on_packed_rows_and_a_frozen_reference(tmp_p
                                            "--padding_free", "--precompute_ref_log_probs", "false",
                                            "--learning_rate", "0", "--save_strategy", "no"))
     assert trainer.reference_is_initial_policy and abs(trainer.state.log_history[0]["rewards/chosen"]) < 1e-5
+
+
+def test_a_mixture_s_rows_are_named_by_their_dataset(tmp_path, rows_file, monkeypatch):
+    """Row numbers restart in each part of a mixture: the message names each row's dataset with it."""
+    files = [rows_file(f"{name}.jsonl", [{"prompt": f"{name} said {i}.", "chosen": " good.", "rejected": " bad."}
+                                         for i in range(6)]) for name in ("a", "b")]
+    batches = []
+    original = train_dpo.DPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        if model.training:
+            batches.append(list(zip(inputs["source"], inputs["row_index"].tolist())))
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_dpo.DPOTrainer, "compute_loss", compute_loss)
+    mixture = json.dumps({"datasets": [{"id": path} for path in files], "seed": 0})
+    with pytest.raises(NonFiniteError) as error:
+        train_dpo.main(tiny_run_args(tmp_path, "--dataset_mixture", mixture, "--max_steps", "1"))
+    (batch,) = batches
+    assert {source for source, _ in batch} == {f"{path} [train]" for path in files}  # both parts in the batch
+    named = ", ".join(f"rows {sorted(row for source, row in batch if source == f'{path} [train]')} of {path} [train]"
+                      for path in sorted(files))
+    assert f"at step 1; the step's batch holds {named}." in str(error.value)

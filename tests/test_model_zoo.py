@@ -18,7 +18,7 @@ from utils.errors import ConfigError
 from utils.families import UNMATCHED, check_model_family, packing_unfit
 from utils.logprobs import model_logps
 from utils.modeling import (ModelArguments, apply_lora, causal_lm_class, resolve_attn_implementation,
-                            toy_tokenizer, varlen_unfit)
+                            toy_tokenizer)
 from utils.reference import reference_mode, score_dataset
 
 VOCAB = 1088  # the toy tokenizer's, rounded up

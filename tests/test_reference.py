@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -15,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-from helpers import add_reference_columns, loop_logps
+from helpers import loop_logps
 from utils import reference
+from utils.reference import add_reference_columns
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.modeling import AUTOCAST_GROUPED_MM, ModelArguments, apply_lora, load_model, load_tokenizer
 
@@ -177,6 +179,94 @@ def test_peft_reference_is_the_base_model_with_adapters_disabled(tmp_path):
     assert scored["train"]["ref_chosen_logps"] == pytest.approx(base_logps, abs=1e-4)
 
 
+# ----------------------------------------------------------------------------------- adapters as users have them
+
+def save_base(folder, tokenizer, model_init_seed: int) -> None:
+    model = load_model(ModelArguments(model_name_or_path="mixtral-tiny", model_init_seed=model_init_seed), tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def save_adapter(folder, base_folder, tokenizer) -> None:
+    """A LoRA adapter of the checkpoint `base_folder` (named in its adapter_config.json), with weights that matter
+    (LoRA starts as a no-op: B = 0), and the tokenizer: what `train_dpo.py --use_peft` saves."""
+    model = apply_lora(load_model(ModelArguments(model_name_or_path=str(base_folder)), tokenizer),
+                       ModelArguments(model_name_or_path=str(base_folder), use_peft=True))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    """(adapter folder, base folder, tokenizer): a LoRA adapter of a mixtral-tiny checkpoint."""
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    save_base(tmp_path / "base", tokenizer, model_init_seed=0)
+    save_adapter(tmp_path / "adapter", tmp_path / "base", tokenizer)
+    return tmp_path / "adapter", tmp_path / "base", tokenizer
+
+
+def test_an_adapter_s_reference_identity_holds_its_base_model(adapter, tmp_path, monkeypatch):
+    """The adapter folder's files stay the same while its base is re-trained: the cache must miss; the same base
+    hits."""
+    folder, base_folder, tokenizer = adapter
+    calls = count_scoring(monkeypatch)
+    model_args = ModelArguments(model_name_or_path=str(folder))
+    data_args = DataArguments(toy_num_train_pairs=6, toy_num_eval_pairs=2, max_length=64)
+
+    def score_adapter():
+        model = load_model(model_args, tokenizer)
+        return score(model, load_preference_data(data_args, tokenizer), model_args, data_args, tmp_path / "cache",
+                     tokenizer)["train"]["ref_chosen_logps"]
+
+    first = score_adapter()
+    assert score_adapter() == first and len(calls) == 2  # the same base: a cache hit (train and test scored once)
+    save_base(base_folder, tokenizer, model_init_seed=1)  # the base re-trained in place
+    assert score_adapter() != first and len(calls) == 4
+
+
+def chosen_logps(model, dataset) -> list[float]:
+    return [loop_logps(model, row["prompt_input_ids"], row["chosen_input_ids"]) for row in dataset]
+
+
+@pytest.mark.parametrize("flags", [[], ["--use_peft"], ["--precompute_ref_log_probs", "false"]],
+                         ids=["adapter", "adapter-use-peft", "adapter-reference-each-step"])
+def test_dpo_on_an_adapter_folder_trains_that_adapter_against_it(adapter, tmp_path, flags):
+    """The policy starts as base + adapter (not the base alone, nor a new adapter), its reference is that same
+    model (implicit rewards 0 at the first step), and the adapter trains while the base stays as it is."""
+    import train_dpo
+    from peft import PeftModel
+    from helpers import tiny_run_args
+
+    folder, base_folder, tokenizer = adapter
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    user_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), folder)
+    eval_pairs = load_preference_data(DataArguments(toy_num_train_pairs=64, toy_num_eval_pairs=16, max_length=64),
+                                      tokenizer)["test"]
+    expected = chosen_logps(user_model, eval_pairs)
+    assert max(abs(a - b) for a, b in zip(expected, chosen_logps(base, eval_pairs))) > 1e-2  # the adapter matters
+
+    trainer = train_dpo.main(tiny_run_args(
+        tmp_path, "--model_name_or_path", str(folder), "--max_steps", "2", "--learning_rate", "1e-2",
+        "--eval_on_start", "true", "--per_device_eval_batch_size", "16", "--save_strategy", "no", *flags))
+    start = trainer.state.log_history[0]  # the evaluation before any step
+    assert start["eval_logps/chosen"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert abs(start["eval_rewards/chosen"]) < 1e-6 and abs(start["eval_rewards/rejected"]) < 1e-6
+    step_one = next(entry for entry in trainer.state.log_history if "rewards/chosen" in entry)
+    assert abs(step_one["rewards/margins"]) < 1e-6  # the reference is the initial policy: base + adapter
+    trained = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    loaded = load_file(str(folder / "adapter_model.safetensors"))
+    assert trained.keys() == loaded.keys()
+    assert any(not torch.equal(trained[name], loaded[name]) for name in loaded)  # the user's adapter trained
+    for name, param in trainer.model.get_base_model().named_parameters():
+        if "lora_" not in name:  # the base weights as loaded
+            torch.testing.assert_close(param, base.get_parameter(name.replace(".base_layer", "")), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- Hub models' identity
 
 def add_hub_commit(cache, repo_id: str, commit: str, folder) -> None:
@@ -241,6 +331,26 @@ def test_remote_code_is_part_of_the_identity(hub_cache, tmp_path, checkpoint):
         code.resolve().write_text("SCALE = 2.0\n")
         assert reference.model_identity(remote, None) != before
         assert "modeling_tiny.py" not in reference.model_identity(ModelArguments(model_name_or_path=path), None)["files"]
+
+
+def test_a_hub_adapter_s_identity_holds_its_base_model_s_commit(hub_cache, tmp_path):
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path="mixtral-tiny"))
+    add_hub_commit(hub_cache, "org/tiny", "a" * 40, saved_tiny_model(tmp_path / "v1", tokenizer, seed=0))
+    save_adapter(tmp_path / "lora", tmp_path / "v1", tokenizer)
+    config_path = tmp_path / "lora" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "org/tiny"}))
+    add_hub_commit(hub_cache, "org/tiny-lora", "c" * 40, tmp_path / "lora")
+    model_args = ModelArguments(model_name_or_path="org/tiny-lora")
+    model = load_model(model_args, tokenizer)  # the adapter and its base, both from the Hub cache
+    assert isinstance(model, PeftModel)
+    first = reference.model_identity(model_args, model)
+    assert (first["commit"], first["base"]["commit"]) == ("c" * 40, "a" * 40)
+    assert reference.model_identity(model_args, model) == first  # the same base: a hit
+    add_hub_commit(hub_cache, "org/tiny", "b" * 40, saved_tiny_model(tmp_path / "v2", tokenizer, seed=1))
+    moved = reference.model_identity(model_args, model)
+    assert moved["base"]["commit"] == "b" * 40 and moved != first  # the base moved on, the adapter did not: a miss
 
 
 def test_hub_model_missing_from_the_cache_is_never_reused(hub_cache, caplog):

@@ -160,6 +160,29 @@ def test_truncation_never_cuts_bos_and_keeps_one_eos_on_whole_completions(style,
         assert_ends_in_one_eos(row[f"{side}_input_ids"], tokenizer)
 
 
+@pytest.mark.parametrize("mode", ["keep_end", "max_prompt_length"])
+@pytest.mark.parametrize("fmt", ["explicit", "ultrafeedback", "trl"])
+def test_a_cut_at_an_inner_bos_keeps_one_bos(fmt, mode):
+    """Llama-2's template writes bos before every [INST] turn: a prompt cut exactly before a later turn's bos starts
+    with the kept bos, then the turn ([INST] ...), not with two."""
+    tokenizer = styled_tokenizer("llama2")
+    full = prepare(fmt, tokenizer, max_length=10_000)
+    bos = tokenizer.bos_token_id
+    prompt_rest, chosen = full["prompt_input_ids"][1:], full["chosen_input_ids"]
+    inner = max(i for i, token in enumerate(prompt_rest) if token == bos)  # the last turn's bos
+    keep = len(prompt_rest) - inner  # from that bos on
+    if mode == "keep_end":
+        max_length = 1 + len(chosen) + keep
+        assert max_length - len(chosen) >= max_length // 2, "the cut must be the one that keeps completions whole"
+        row = prepare(fmt, tokenizer, max_length=max_length, truncation_mode=mode)
+    else:
+        row = prepare(fmt, tokenizer, max_length=10_000, max_prompt_length=1 + keep)
+    assert row["prompt_input_ids"] == [bos] + prompt_rest[inner + 1:]
+    assert tokenizer.convert_ids_to_tokens(row["prompt_input_ids"][:3]) == ["<s>", "[", "I"]
+    assert (row["chosen_input_ids"], row["rejected_input_ids"]) == (chosen, full["rejected_input_ids"])
+    assert_bos_once(row, tokenizer)
+
+
 def assert_bos_once(row, tokenizer):
     sequence = row["prompt_input_ids"]
     if tokenizer.bos_token_id is None:

@@ -2,8 +2,8 @@
 format to prompt / chosen / rejected, tokenise once, and collate into padded chosen+rejected batches.
 
 The prompt/completion boundary is decided here, once, at tokenisation: every other module reads
-`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos), and `row_index`, the
-row in its source split.
+`prompt_input_ids`, `chosen_input_ids` and `rejected_input_ids` (completions end in eos), and `source` and
+`row_index`, the dataset split a pair comes from (`name [split]`, a mixture's part) and its row there.
 
 The row policy for real data is decided here too:
 - a broken schema (missing field, wrong type, invalid JSON, unknown role, a conversation not ending in an
@@ -43,16 +43,19 @@ MIXTURE_DATASET_KEYS = ("id", "config", "split", "columns", "weight")
 MIXER_SEED = 42  # alignment-handbook shuffles a dataset_mixer's splits with this fixed seed
 ROWS_NAMED = 5  # rows a warning names
 PAIR_COLUMNS = ["prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
-                "row_index"]  # what a prepared split holds
+                "source", "row_index"]  # what a prepared split holds
 
 # Why a pair is dropped (the `drop` column: 0 keeps it), and how to keep such pairs.
-KEPT, SAME_TEXTS, NO_ROOM, SAME_TOKENS = range(4)
+KEPT, SAME_TEXTS, NO_ROOM, SAME_KEPT_TOKENS, SAME_TOKENS = range(5)
 DROP_REASONS = {
     SAME_TEXTS: ("whose chosen equals rejected", ""),
     NO_ROOM: ("whose prompt leaves no room for a completion within max_length {max_length}",
               "raise --max_length, set --max_prompt_length or use --truncation_mode keep_end to keep them"),
-    SAME_TOKENS: ("whose chosen and rejected differ as texts but not as the tokens kept by max_length {max_length}",
-                  "raise --max_length to keep them"),
+    SAME_KEPT_TOKENS: ("whose chosen and rejected differ as texts but not as the tokens kept by max_length "
+                       "{max_length}", "raise --max_length to keep them"),
+    SAME_TOKENS: ("whose chosen and rejected differ as texts but tokenise the same (such as an answer with and "
+                  "without the eos text, which every completion ends in)",
+                  "no flag keeps them: they carry no preference, so make the answers differ or leave them out"),
 }
 
 
@@ -493,7 +496,8 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> dict:
     """One raw row -> {'prompt', 'chosen', 'rejected'} texts (conversations rendered by the chat template), an
-    empty or blank answer as '' (it becomes an eos-only completion), and `empty_answer`, whether one is."""
+    empty or blank answer as '' (it becomes an eos-only completion), `empty_answer`, whether one is, and `source`,
+    the split it comes from (its row being `row_index`: in a mixture, row numbers alone repeat across parts)."""
     where = RowName(source, row["row_index"])
     fmt = detect_format(row, args)
     if fmt == "explicit":
@@ -508,7 +512,8 @@ def normalize_row(row: dict, args: DataArguments, tokenizer, source: Source) -> 
     else:
         prompt, chosen, rejected = _render_conversation(row, args, tokenizer, where)
     chosen, rejected = (text if text.strip() else "" for text in (chosen, rejected))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected)}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "empty_answer": "" in (chosen, rejected),
+            "source": str(source)}
 
 
 def _render_conversation(row: dict, args: DataArguments, tokenizer, where: RowName) -> tuple[str, str, str]:
@@ -598,13 +603,16 @@ def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: 
     2. If prefix + prompt + the longer completion still exceed max_length: keep_end cuts the prompt from the left
        again, to what leaves the completion whole but to no fewer than max_length // 2 tokens; keep_start keeps it.
     3. Completions are cut at the end to the room left (a cut completion has no eos: it was not finished).
+    A cut that leaves the prompt starting with the prefix again (Llama-2 and Mistral templates write bos before
+    every [INST] turn) drops that copy: the kept prefix already starts the sequence.
     """
     if max_prompt_length is not None:
-        prompt_ids = last(prompt_ids, max_prompt_length - len(prefix_ids))
+        prompt_ids = cut_left(prompt_ids, max_prompt_length - len(prefix_ids), prefix_ids)
     longest = max(len(chosen_ids), len(rejected_ids))
     if len(prefix_ids) + len(prompt_ids) + longest > max_length:
         if mode == "keep_end":
-            prompt_ids = last(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids))
+            prompt_ids = cut_left(prompt_ids, max(max_length - longest, max_length // 2) - len(prefix_ids),
+                                  prefix_ids)
         room = max_length - len(prefix_ids) - len(prompt_ids)
         if room <= 0:
             return None
@@ -615,6 +623,14 @@ def truncate_pair(prefix_ids, prompt_ids, chosen_ids, rejected_ids, max_length: 
 def last(ids: list[int], count: int) -> list[int]:
     """The last `count` ids (none for count <= 0)."""
     return ids[max(len(ids) - max(count, 0), 0):]
+
+
+def cut_left(prompt_ids: list[int], count: int, prefix_ids: list[int]) -> list[int]:
+    """The last `count` prompt ids, less a copy of `prefix_ids` they start with where the cut removed something."""
+    kept = last(prompt_ids, count)
+    if prefix_ids and len(kept) < len(prompt_ids) and kept[:len(prefix_ids)] == prefix_ids:
+        return kept[len(prefix_ids):]
+    return kept
 
 
 def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int, truncation_mode: str,
@@ -632,8 +648,8 @@ def tokenize_row(row: dict, tokenizer, added_prefix: list[int], max_length: int,
         drop = SAME_TEXTS
     elif fitted is None:
         drop = NO_ROOM
-    elif fitted[1] == fitted[2]:  # texts that differ only past max_length
-        drop = SAME_TOKENS
+    elif fitted[1] == fitted[2]:  # texts that differ only past max_length, or not as tokens at all
+        drop = SAME_TOKENS if chosen_ids == rejected_ids else SAME_KEPT_TOKENS
     else:
         drop = KEPT
     untruncated_lengths = [len(prefix_ids) + len(prompt_ids), len(chosen_ids), len(rejected_ids)]
@@ -806,7 +822,8 @@ def collate_completions(prompts: list[list[int]], completions: list[list[int]], 
 @dataclass
 class PreferenceCollator:
     """Rows -> one batch of 2B sequences (`collate_completions`): B prompt+chosen, then B prompt+rejected.
-    Reference log-prob columns and `row_index` (the rows' indices in their source split) pass through."""
+    Reference log-prob columns, `row_index` and `source` (the rows' indices in their source split, and its name, a
+    list of strings) pass through."""
     pad_token_id: int
     padding_free: bool = False
     pad_to_multiple_of: int | None = None
@@ -816,6 +833,8 @@ class PreferenceCollator:
         batch = {key: torch.tensor([row[key] for row in rows], dtype=dtype) for key, dtype in
                  (("row_index", torch.long), ("ref_chosen_logps", torch.float32), ("ref_rejected_logps", torch.float32))
                  if key in rows[0]}
+        if "source" in rows[0]:
+            batch["source"] = [row["source"] for row in rows]
         prompts = [row["prompt_input_ids"] for row in rows] * 2
         completions = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
         batch.update(collate_completions(prompts, completions, self.pad_token_id, self.padding_free,

@@ -2,9 +2,10 @@
 the first batch's log-probs are checked against the model's own forward and, at a fresh start, against the reference
 (`FirstBatchChecks`, at the end of this module).
 
-The error names the optimizer step and the batch's rows (`row_index`, the row's index in its source
-split), so that the bad pair can be found. It is raised before `optimizer.step()`, so no weights and no
-checkpoint of the bad step are written: the last checkpoint on disk is the last good one.
+The error names the optimizer step and the batch's rows (`source` and `row_index`: the dataset split and the
+row's index there, a mixture's parts named apart), so that the bad pair can be found. It is raised before
+`optimizer.step()`, so no weights and no checkpoint of the bad step are written: the last checkpoint on disk is
+the last good one.
 
 The check costs one host sync per optimizer step, where the Trainer's gradient norm is read anyway: the
 micro-batches' losses are kept on the device until then. Under several processes the flags are all-reduced
@@ -34,12 +35,13 @@ class NonFiniteGuard(HookedTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._step_rows: list[torch.Tensor] = []  # this optimizer step's row_index tensors
+        self._step_rows: list[tuple[list[str], torch.Tensor]] = []  # this optimizer step's (source, row_index)
         self._step_losses: list[torch.Tensor] = []  # and its micro-batches' losses, on the device
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if inputs.get("row_index") is not None:
-            self._step_rows.append(inputs["row_index"])
+        if inputs.get("row_index") is not None:  # kept on the device: read only if the step is bad
+            rows = inputs["row_index"]
+            self._step_rows.append((inputs.get("source") or ["the train split"] * len(rows), rows))
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_losses.append(loss.detach().float().sum())
         return loss
@@ -62,17 +64,20 @@ class NonFiniteGuard(HookedTrainer):
         if not (bad_loss or bad_gradient):
             return
         # Every rank is here: gather what each saw, so that all of them report the same.
-        local_rows = torch.cat(self._step_rows).tolist() if self._step_rows else []
+        local_rows = [(source, row) for sources, rows in self._step_rows for source, row in zip(sources, rows.tolist())]
         first_bad = next((loss.item() for loss in losses if not torch.isfinite(loss)), None)
         ranks = gather_object([(local_rows, first_bad)])  # [(rows, first non-finite loss or None)] per rank
-        rows = sorted(row for rank_rows, _ in ranks for row in rank_rows)
+        rows_by_source = {}
+        for source, row in sorted(row for rank_rows, _ in ranks for row in rank_rows):
+            rows_by_source.setdefault(source, []).append(row)
         if bad_loss:
             value = next(value for _, value in ranks if value is not None)
             culprits = [rank for rank, (_, value) in enumerate(ranks) if value is not None]
             what = f"loss ({value})" + (f" on rank(s) {culprits}" if len(ranks) > 1 else "")
         else:
             what = f"gradient norm ({float(gradient)})"
-        where = f"; the step's batch holds rows {rows} of the train split" if rows else ""
+        where = "; the step's batch holds " + ", ".join(f"rows {rows} of {source}" for source, rows in
+                                                        rows_by_source.items()) if rows_by_source else ""
         raise NonFiniteError(f"non-finite {what} at step {self.state.global_step + 1}{where}. "
                              f"Stopped before the optimizer step: nothing of this step was saved")
 

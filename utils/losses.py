@@ -93,7 +93,7 @@ LOSSES = {
         uses_reference=False, flags=("simpo_gamma", "label_smoothing"), in_trl=False),
     "sft": LossSpec(
         sft_loss, "NLL per token of the chosen completions; `[sigmoid, sft]` with `loss_weights` is RPO",
-        "Pang et al. 2024 (RPO)"),
+        "Pang et al. 2024 (RPO)", uses_reference=False),
 }
 FLAG_DEFAULTS = {"label_smoothing": 0.0, "simpo_gamma": 0.5}
 

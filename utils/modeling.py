@@ -55,6 +55,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 LORA_TARGETS_MIXTRAL = ["q_proj", "k_proj", "v_proj", "o_proj"]
+REFERENCE_ADAPTER = "reference"  # a loaded adapter's frozen copy: the reference while that adapter trains
 # The implementations that keep packed sequences apart: ours and flash_attention_2 read the collator's cu_seq_lens; transformers' sdpa and
 # eager build a dense block mask from position_ids (only with no attention_mask and no KV cache).
 PACKED_ROW_ATTENTIONS = (VARLEN_ATTENTION, "flash_attention_2", "sdpa", "eager")
@@ -160,11 +161,7 @@ def model_config(args: ModelArguments):
     can be read (load_tokenizer, which runs next, names the problem in one line)."""
     if args.is_preset:
         return None
-    name, revision = args.model_name_or_path, args.model_revision
-    adapter_config = find_adapter_config_file(name, revision=revision)
-    if adapter_config is not None:  # a PEFT adapter, which from_pretrained loads onto its base model
-        with open(adapter_config) as f:
-            name, revision = json.load(f)["base_model_name_or_path"], None
+    name, revision = adapter_base(args) or (args.model_name_or_path, args.model_revision)
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=args.trust_remote_code)
     except OSError:
@@ -269,6 +266,19 @@ def model_attention(args: ModelArguments, packed: bool = False, autocast_dtype=N
     config = model_config(args)
     return resolve_attn_implementation(args.attn_implementation, causal_lm_class(args, config), config, packed,
                                        compute_dtype_of(args, config, autocast_dtype))
+
+
+def adapter_base(args: ModelArguments) -> tuple[str, str] | None:
+    """(base model, its revision) that a PEFT adapter folder or Hub repo names in its adapter_config.json; None for
+    a preset or a whole checkpoint."""
+    if args.is_preset:
+        return None
+    adapter_config = find_adapter_config_file(args.model_name_or_path, revision=args.model_revision)
+    if adapter_config is None:
+        return None
+    with open(adapter_config) as f:
+        config = json.load(f)
+    return config["base_model_name_or_path"], config.get("revision") or "main"
 
 
 def packed_rows_by_default(use_cpu: bool, half_precision: bool, sliding_window: int | None = None) -> bool:
@@ -394,8 +404,7 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
         if args.is_preset:
             config = preset_config(args.model_name_or_path, tokenizer)
         else:
-            config = AutoConfig.from_pretrained(args.model_name_or_path, revision=args.model_revision,
-                                                trust_remote_code=args.trust_remote_code)
+            config = model_config(args)  # an adapter's: its base model's
             dtype = config.dtype if dtype == "auto" else dtype  # from_pretrained's "auto": the checkpoint's own
         for key, value in extra.items():
             setattr(config, key, value)
@@ -409,9 +418,12 @@ def load_model(args: ModelArguments, tokenizer, num_labels: int | None = None, p
             from accelerate import PartialState
 
             extra.update(device_map={"": PartialState().local_process_index}, quantization_config=quantization)
-        model = auto_class.from_pretrained(args.model_name_or_path, revision=args.model_revision, dtype=dtype,
-                                           attn_implementation=attn, trust_remote_code=args.trust_remote_code,
-                                           **extra)
+        base = adapter_base(args) if num_labels is None else None
+        name, revision = base or (args.model_name_or_path, args.model_revision)
+        model = auto_class.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation=attn,
+                                           trust_remote_code=args.trust_remote_code, **extra)
+        if base is not None:
+            model = load_trainable_adapter(model, args)
     # The tokenizer decides padding: an embedding row for a pad token load_tokenizer added, and the config naming
     # it (a checkpoint's may name eos), as sequence classifiers find each row's last token by it.
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -440,10 +452,29 @@ def lora_target_modules(model, args: ModelArguments):
     return PEFT_TARGETS.get(model.config.model_type, "all-linear")
 
 
+def load_trainable_adapter(base_model, args: ModelArguments):
+    """The adapter `args.model_name_or_path` on its loaded base model, trainable: the model a user brings is base +
+    adapter, and training goes on from it, as TRL does with a PeftModel. A frozen copy of the adapter,
+    REFERENCE_ADAPTER, is the reference: the initial policy, not the base alone (`utils.reference.reference_mode`)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_model, args.model_name_or_path, revision=args.model_revision,
+                                      is_trainable=True)
+    model.load_adapter(args.model_name_or_path, adapter_name=REFERENCE_ADAPTER, revision=args.model_revision,
+                       is_trainable=False)
+    logger.info("adapter %s on its base %s: the adapter trains, a frozen copy of it is the reference",
+                args.model_name_or_path, base_model.name_or_path)
+    return model
+
+
 def apply_lora(model, args: ModelArguments, modules_to_save: list[str] | None = None):
     """LoRA adapters on `lora_target_modules`; `modules_to_save` (a classifier's new head) train in full, with
-    --lora_modules_to_save."""
-    from peft import LoraConfig, get_peft_model
+    --lora_modules_to_save. A model loaded with its own adapter (`load_trainable_adapter`) trains that one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):  # a new adapter on top would start the loaded one afresh
+        logger.info("LoRA: training the adapter %s as it is; the --lora_* flags do not apply", args.model_name_or_path)
+        return model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_target_modules(model, args),

@@ -1,9 +1,10 @@
 """Everything about the reference pi_ref: its log-probs computed once before training and cached on disk, the cache's
 identity, and `ReferenceScoring`, the Trainer mixin that owns the three ways a step gets them.
 
-The reference is the initial policy (with PEFT: the same model with adapters disabled), so scoring
-needs no second copy of the weights. Every rank scores its share of length-sorted batches; the
-results are gathered back into dataset order, so N processes give what one process gives.
+The reference is the initial policy (with PEFT: the same model with its new adapters disabled, or with a frozen
+copy of the adapter a user brought), so scoring needs no second copy of the weights. Every rank scores its share
+of length-sorted batches; the results are gathered back into dataset order, so N processes give what one process
+gives.
 Under FSDP or DeepSpeed ZeRO-3 `ReferenceScoring` scores through the model as the engine
 wrapped it, so scoring runs on the sharded weights: no rank ever holds a full copy. The main process alone
 looks in the cache, reads it and writes it; the other ranks get its answer.
@@ -42,6 +43,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from utils.attention import packs_linearly
 from utils.errors import ConfigError
 from utils.logprobs import model_logps
+from utils.modeling import REFERENCE_ADAPTER, adapter_base
 from utils.preflight import disk_full_as_error
 from utils.precision import compute_dtype
 from utils.trainer_hooks import HookedTrainer
@@ -124,8 +126,11 @@ def folder_files(path: str, suffixes: tuple[str, ...]) -> dict:
 def hub_snapshot(repo_id: str, revision: str) -> str | None:
     """The local Hub cache's folder of the commit `revision` points to: what from_pretrained has just loaded (it
     records a branch's commit under refs/ as it downloads). None where the model is not in the cache."""
-    config_path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    return os.path.dirname(config_path) if isinstance(config_path, str) else None
+    for name in ("config.json", "adapter_config.json"):  # a model's, or an adapter's
+        config_path = try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(config_path, str):
+            return os.path.dirname(config_path)
+    return None
 
 
 def model_identity(model_args, model) -> dict:
@@ -139,14 +144,21 @@ def model_identity(model_args, model) -> dict:
             identity["zero3_init"] = True
         return identity
     suffixes = WEIGHT_FILE_SUFFIXES + ((".py",) if model_args.trust_remote_code else ())
-    path = model_args.model_name_or_path
-    if os.path.isdir(path):  # a local checkpoint (or adapter) folder: its files' names, sizes, times and samples
+    identity = checkpoint_identity(model_args.model_name_or_path, model_args.model_revision, suffixes)
+    base = adapter_base(model_args)
+    if base is not None:  # an adapter's files say nothing of the weights it adapts
+        identity["base"] = checkpoint_identity(*base, suffixes)
+    return identity
+
+
+def checkpoint_identity(path: str, revision: str, suffixes: tuple[str, ...]) -> dict:
+    """A local folder's files (names, sizes, times and samples), or the Hub commit loaded and its snapshot's."""
+    if os.path.isdir(path):
         return {"folder": os.path.abspath(path), "files": folder_files(path, suffixes)}
-    snapshot = hub_snapshot(path, model_args.model_revision)
+    snapshot = hub_snapshot(path, revision)
     if snapshot is None:
         logger.warning("%s (revision %s) is not in the Hub cache %s: its commit is unknown, so these reference "
-                       "log-probs are scored afresh and never reused", path, model_args.model_revision,
-                       hub_constants.HF_HUB_CACHE)
+                       "log-probs are scored afresh and never reused", path, revision, hub_constants.HF_HUB_CACHE)
         return {"hub": path, "unresolved": os.urandom(16).hex()}
     return {"hub": path, "commit": os.path.basename(snapshot), "files": folder_files(snapshot, suffixes)}
 
@@ -382,8 +394,39 @@ def score_and_cache(dataset, model, collator, *, fingerprint: str, cache_dir: st
 
 
 def reference_mode(model):
-    """A context in which `model` computes the reference: with LoRA, the base model (adapters disabled)."""
-    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    """A context in which `model` computes the reference, the initial policy: with new LoRA adapters, the base model
+    (adapters disabled); where an adapter the user brought trains, its frozen copy (REFERENCE_ADAPTER)."""
+    if not isinstance(model, PeftModel):
+        return contextlib.nullcontext()
+    if REFERENCE_ADAPTER in model.peft_config:
+        return active_adapter(model, REFERENCE_ADAPTER)
+    return model.disable_adapter()
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """`name` active (frozen) for a while; the trained adapter active and trainable again after."""
+    trained = model.active_adapter
+    model.set_adapter(name, inference_mode=True)  # peft freezes the inactive adapters: the trained one too
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
+
+
+def add_reference_columns(model, dataset_dict, collator, *, model_args, data_args, cache_dir: str, batch_size: int,
+                          dtype: torch.dtype = torch.float32):
+    """Every split of `dataset_dict` with reference columns scored by `model` on one process, through the cache:
+    this module's public steps without a Trainer (which scores through the engine's wrapped model), for tests and
+    benchmarks."""
+    with reference_mode(model):
+        for split, dataset in dataset_dict.items():
+            fingerprint = reference_fingerprint(model_args, model, dataset, data_args, dtype)
+            cached = load_cached_logps(dataset, fingerprint=fingerprint, cache_dir=cache_dir, split=split)
+            dataset_dict[split] = cached if cached is not None else score_and_cache(
+                dataset, model, collator, fingerprint=fingerprint, cache_dir=cache_dir, batch_size=batch_size,
+                split=split, dtype=dtype)
+    return dataset_dict
 
 
 class ReferenceScoring(HookedTrainer):
@@ -394,7 +437,8 @@ class ReferenceScoring(HookedTrainer):
       through the model as the engine (DDP, FSDP, DeepSpeed) prepared it (`on_engine_ready`), so no rank holds
       an unsharded copy; `model_args` and `data_args` identify the reference (`reference_fingerprint`);
     - a frozen copy of the initial policy (`ref_model`, made here when not precomputing), scored every step;
-    - with LoRA and no copy: the policy itself with its adapters off, scored every step.
+    - with LoRA and no copy: the policy itself with its adapters off (or its loaded adapter's frozen copy: see
+      `reference_mode`), scored every step.
     With `uses_reference=False` (--reference_free, or losses that need none) no reference is scored at all.
     Every way computes through `utils.logprobs.model_logps` at the training's precision: one precision path."""
 
@@ -514,9 +558,9 @@ class ReferenceScoring(HookedTrainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         scoring = dict(chunk_size=self.args.logps_chunk_size, dtype=compute_dtype(self.args))
         with torch.no_grad():
-            if self.ref_model is None:  # LoRA: the reference is the policy with its adapters off
+            if self.ref_model is None:  # LoRA: the policy in reference_mode
                 unwrapped = self.accelerator.unwrap_model(model)
-                with unwrapped.disable_adapter():
+                with reference_mode(unwrapped):
                     sums = model_logps(model, inputs, unwrapped=unwrapped, **scoring).sums
             else:  # the frozen copy, which accelerate never prepared, computes at the policy's precision too
                 sums = model_logps(self.ref_model, inputs, **scoring).sums
