@@ -189,7 +189,8 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckp
         metrics = logged_metrics(logps, self.args.loss_type, self.args.beta)  # TRL's names mean TRL's quantities
         if "sft" in terms:
             metrics["nll_loss"] = terms["sft"]
-        if self.use_router_aux_loss:
+        # a MoE that balances its experts without a loss (DeepSeek-V3's routing bias) returns none
+        if self.use_router_aux_loss and policy.aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * policy.aux_loss
             losses = losses + self.router_aux_loss_coef * policy.aux_loss
             metrics["aux_loss"] = policy.aux_loss.detach()
