@@ -27,6 +27,7 @@ from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, l
                             model_sliding_window, packed_rows_by_default, resolve_attn_implementation, router_kwargs)
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.reference import ReferenceScoring
+from utils.speed import SpeedMeter
 
 logger = logging.getLogger("train_dpo")
 
@@ -149,6 +150,7 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
             else router_coef
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
         self.metrics = DeviceMetrics(self.accelerator)
+        self.speed = SpeedMeter(self.model.config, self.accelerator, compute_dtype(self.args))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy = model_logps(model, inputs, unwrapped=self.accelerator.unwrap_model(model),
@@ -181,6 +183,8 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
             # mean, duplicates included, and is replaced by this one when logged
             metrics["loss"] = losses.detach()
         self.metrics.add(metrics, "train" if model.training else "eval")
+        if model.training:
+            self.speed.add(inputs)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -194,6 +198,11 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, ExactCheckpointLoading):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + name: mean for name, mean in self.metrics.pop_means(mode).items()})
+        if mode == "eval":
+            self.speed.restart()
+        else:  # tokens/s and the share of the matmul peak since the last log; the run's in the final one
+            speed = self.speed.pop()
+            logs.update(self.speed.totals() if "train_runtime" in logs else speed)
         super().log(logs, start_time)
 
 
