@@ -63,12 +63,12 @@ def cuda_varlen_kernel_available(device_index: int | None = None) -> bool:
 
 
 def packs_linearly(implementation: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a packed row through `implementation` costs its sequences' own lengths rather than the square of
-    the row's: a variable-length flash kernel, which needs CUDA and fp16/bf16 (`dtype`, the compute precision)."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    return implementation == "flash_attention_2" or (
-        implementation == VARLEN_ATTENTION and cuda_varlen_kernel_available(device.index))
+    """Whether a packed row through `implementation` costs no more than the same sequences in padded rows, rather
+    than the square of the row's length: `varlen` everywhere (a variable-length flash kernel on CUDA in fp16/bf16,
+    else the padded layout below), flash_attention_2 on CUDA in fp16/bf16 (`dtype`, the compute precision)."""
+    if implementation == VARLEN_ATTENTION:
+        return True
+    return implementation == "flash_attention_2" and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
 
 def _cuda_varlen(query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, dropout, scaling):
