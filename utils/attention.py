@@ -1,5 +1,5 @@
-"""Exact attention over packed rows at the cost of the sequences' own lengths, registered with transformers'
-AttentionInterface as `varlen`.
+"""Exact attention over packed rows, each sequence attending within itself and never over the whole row,
+registered with transformers' AttentionInterface as `varlen`.
 
 A padding-free batch is one row of several sequences; the collator passes their cumulative lengths
 (`cu_seq_lens_q/k`, int32) and longest length (`max_length_q/k`, host ints), transformers' own names for them.
@@ -13,7 +13,7 @@ forward (a host sync). A name that has no mask function in transformers' Attenti
 - Elsewhere (CPU, or float32 without autocast, which flash kernels do not take): the row's sequences are
   gathered into a right-padded [sequences, heads, longest, dim] batch and attended with sdpa's causal kernel, then
   scattered back: the attention work of the padded batch, never a [T, T] mask over the whole row (quadratic in
-  every token of the batch: 3-5x the padded attention at 8 x 512 tokens on CPU). Exact, as right padding is;
+  every token of the batch: ~8x the padded attention at 8 x 512 tokens on CPU). Exact, as right padding is;
   the indices are built on the device from the lengths, with no host read.
 - Rows without lengths (padded batches) get plain causal attention. That is exact for the real tokens of
   right-padded rows, which attend only to earlier, real positions, but not for left padding: generation
