@@ -436,6 +436,9 @@ def main():
         print("RESULT " + json.dumps(run_worker(args, args.worker, args.workdir)))
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_dpo_")
+    import torch
+
+    torch.set_num_threads(args.threads)  # the peak of the threads the workers use
     peak = matmul_peak_gflops(args.precision)
     print(f"measured {args.precision} matmul peak {peak:.0f} GFLOP/s; load average {load_average()}", flush=True)
     if args.lengths:
