@@ -31,6 +31,7 @@ from utils.modeling import (PACKED_ROW_ATTENTIONS, ModelArguments, apply_lora, c
 from utils.precision import bf16_field, compute_dtype, default_bf16
 from utils.preflight import check_ranges, check_writable, disk_full_as_error
 from utils.reference import ReferenceScoring, default_cache_dir
+from utils.speed import SpeedMeter
 
 logger = logging.getLogger("train_dpo")
 
@@ -169,6 +170,7 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckp
         self.router_aux_loss_coef = self.args.router_aux_loss_coef
         self.use_router_aux_loss = bool(router_kwargs(self.model, True)) and self.router_aux_loss_coef != 0
         self.metrics = DeviceMetrics(self.accelerator)
+        self.speed = SpeedMeter(self.model.config, self.accelerator, compute_dtype(self.args))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         dtype = compute_dtype(self.args)
@@ -199,6 +201,8 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckp
             # mean, duplicates included, and is replaced by this one when logged
             metrics["loss"] = losses.detach()
         self.metrics.add(metrics, "train" if model.training else "eval")
+        if model.training:
+            self.speed.add(inputs)
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -212,6 +216,11 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckp
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         logs.update({prefix + name: mean for name, mean in self.metrics.pop_means(mode).items()})
+        if mode == "eval":
+            self.speed.restart()
+        else:  # tokens/s and the share of the matmul peak since the last log; the run's in the final one
+            speed = self.speed.pop()
+            logs.update(self.speed.totals() if "train_runtime" in logs else speed)
         super().log(logs, start_time)
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (one H100/H200, no network; ~7 minutes of its 15): training and
+# One prepared run for a lent GPU machine (one H100/H200, no network; runs 1-4 ~7 minutes of its 15, 5-7 ~5 more:
+# run 1-4 alone where time is short): training and
 # reference-scoring speed against TRL 1.12's DPOTrainer (precompute_ref_log_probs) on real-length pairs, a
 # profile by device time, and the checks that need a GPU (bench/gpu_checks.py). Everything is also written
 # to $OUT/gpu_bench.log (or ./gpu_bench.log).
@@ -43,4 +44,16 @@ python3 bench/bench_dpo.py --preset mixtral-1b --batch_size 16 --steps 3 --warmu
 echo "[${SECONDS}s]"
 # 4. packed vs padded on the flash kernel, host syncs per step, LoRA over an FP8 base
 python3 bench/gpu_checks.py
+echo "[${SECONDS}s]"
+# 5. a dense model: SmolLM2-135M-Instruct's shapes (random weights), HH-like pairs, 16 pairs/step
+python3 bench/bench_dpo.py --preset smollm2-135m-shape --pair_lengths hh --max_length 512 --batch_size 16 --steps 6 \
+    --warmup 2 --precision bf16 --threads 16 --configs ours_padding_free,ours_padded,trl_precompute || echo "[run 5 incomplete]"
+echo "[${SECONDS}s]"
+# 6. the length sweep: TRL's precompute, ours padded and packed at each length, 4 pairs/step
+python3 bench/bench_dpo.py --preset mixtral-1b --lengths 512,1024,2048,4096 --batch_size 4 --steps 3 --warmup 2 \
+    --precision bf16 --threads 16 || echo "[run 6 incomplete]"
+echo "[${SECONDS}s]"
+# 7. --torch_compile: ours packed, compiled and not (packed lengths vary: see bench/RESULTS.md)
+python3 bench/bench_dpo.py --preset mixtral-1b --batch_size 16 --steps 8 --warmup 3 $REAL --workdir /tmp/bench_1b \
+    --configs ours_padding_free,ours_padded --torch_compile || echo "[run 7 incomplete]"
 echo "[$((SECONDS - start))s in all]"

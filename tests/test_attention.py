@@ -1,11 +1,11 @@
-"""utils/attention.py: the block-causal mask, the packed `varlen` attention against attention written out, and a
+"""utils/attention.py: the packed row's padded layout, the packed `varlen` attention against attention written out, and a
 packed row giving each sequence its own logits through every attention implementation that keeps sequences apart.
 (The trainer's packed steps, loss and gradients, are tested with the trainer: test_dpo.py, test_dpo_paths.py.)"""
 
 import pytest
 import torch
 
-from utils.attention import block_causal_mask, varlen_attention_forward
+from utils.attention import padded_layout, varlen_attention_forward
 from utils.data import collate_completions
 from utils.logprobs import MODEL_INPUTS
 from utils.modeling import PACKED_ROW_ATTENTIONS, ModelArguments, load_model
@@ -14,10 +14,13 @@ LENGTHS = [3, 1, 4]  # three sequences in one packed row, one of them a single t
 CU_SEQ_LENS = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
 
 
-def test_block_causal_mask_keeps_sequences_apart():
-    sequence = [s for s, n in enumerate(LENGTHS) for _ in range(n)]
-    expected = torch.tensor([[sequence[i] == sequence[j] and j <= i for j in range(8)] for i in range(8)])
-    assert torch.equal(block_causal_mask(CU_SEQ_LENS, 8), expected)
+def test_padded_layout_puts_each_sequence_in_its_own_row_and_back():
+    gather, scatter = padded_layout(CU_SEQ_LENS, 8, 4)
+    tokens = torch.arange(8)
+    rows = tokens[gather].view(3, 4)
+    for row, (start, length) in enumerate(zip(CU_SEQ_LENS[:-1].tolist(), LENGTHS)):
+        assert rows[row, :length].tolist() == list(range(start, start + length))  # then padding slots
+    assert torch.equal(rows.flatten()[scatter], tokens)  # every token back in its place
 
 
 def written_out_attention(query, key, value, scale):

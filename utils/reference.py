@@ -218,8 +218,8 @@ def length_sorted_batches(dataset, batch_size: int) -> list[list[int]]:
 
 
 def scoring_collator(collator, model, device: torch.device, dtype: torch.dtype):
-    """The collator for scoring: packed rows where attention costs the sequences' own lengths (a variable-length
-    flash kernel), else length-sorted padded rows, whose widths are rounded up on GPUs so that shapes repeat (a new
+    """The collator for scoring: packed rows where attention costs no more than padded rows' (`packs_linearly`;
+    the body's matmuls then see no padding), else length-sorted padded rows, whose widths are rounded up on GPUs so that shapes repeat (a new
     shape costs a new cuDNN attention plan, ~80 ms). A big batch in one packed row through a dense mask would cost
     the square of its total length."""
     if collator.padding_free and packs_linearly(model.config._attn_implementation, device, dtype):
