@@ -179,8 +179,8 @@ class DPOTrainer(ReferenceScoring, NonFiniteGuard, FirstBatchChecks, ExactCheckp
                              dtype=dtype)
         policy_chosen_logps, policy_rejected_logps = policy.sums.chunk(2)
         ref_chosen_logps, ref_rejected_logps = self.reference_logps(model, inputs, len(policy_chosen_logps))
-        self.check_first_batch(model, inputs, policy.sums, policy.num_tokens,
-                               torch.cat([ref_chosen_logps, ref_rejected_logps]), dtype)
+        self.check_first_batch(model, inputs, policy.sums, policy.num_tokens, (ref_chosen_logps, ref_rejected_logps),
+                               dtype)
         chosen_tokens, rejected_tokens = policy.num_tokens.chunk(2)
         logps = PairLogps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                           chosen_tokens, rejected_tokens)

@@ -138,8 +138,9 @@ class FirstBatchChecks(HookedTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def check_first_batch(self, model, inputs: dict, policy_sums: torch.Tensor, num_tokens: torch.Tensor,
-                          reference_sums: torch.Tensor, dtype: torch.dtype) -> None:
-        """Called by compute_loss with the step's policy and reference log-probs ([2 x pairs] each); acts once."""
+                          reference: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+        """Called by compute_loss with the step's policy log-probs ([2 x pairs]) and the reference's (chosen,
+        rejected); acts once, so a later step pays nothing but this check."""
         if not getattr(self, "_first_batch_pending", False) or not model.training:
             return
         self._first_batch_pending = False
@@ -158,7 +159,7 @@ class FirstBatchChecks(HookedTrainer):
                     "utils/families.py POST_HEAD_TRANSFORMS, or, if the rows are packed, run without --padding_free "
                     "(--check_logps false trains on regardless)")
         if self.args.check_step0_rewards and not self._resumed and self.reference_is_initial_policy:
-            reference_sums = reference_sums.detach().float()
+            reference_sums = torch.cat(reference).detach().float()
             ratio, largest = _worst((policy_sums - reference_sums).abs(),
                                     rtol * (reference_sums.abs() + num_tokens) + 1e-6)
             if ratio > 1:
