@@ -13,8 +13,8 @@ import torch
 from transformers import TrainingArguments
 
 from utils import toy_task
-from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, exit_if_interrupted, latest_checkpoint,
-                                 resolve_resume)
+from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, SaveAtFractions, SaveAtFractionsArguments,
+                                 exit_if_interrupted, latest_checkpoint, resolve_resume)
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, PreferenceCollator, load_preference_data
 from utils.dry_run import dry_run_report
@@ -37,7 +37,7 @@ logger = logging.getLogger("train_dpo")
 
 
 @dataclass
-class DPOArguments(TrainingArguments):
+class DPOArguments(SaveAtFractionsArguments, TrainingArguments):
     """TrainingArguments plus DPO's knobs, named as in TRL's DPOConfig where the concept is the same."""
     output_dir: str = field(default="outputs/dpo", metadata={"help": "Where the model, logs and results go."})
     learning_rate: float = 1e-6
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer | None:
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset["train"],
                          eval_dataset=dataset.get("test"), data_collator=collator, processing_class=tokenizer,
                          model_args=model_args, data_args=data_args,
-                         callbacks=[interrupt])
+                         callbacks=[interrupt, SaveAtFractions(args.save_at_fractions)])
     if args.toy_reward_prompts:
         reward_before = toy_reward_report(model, tokenizer, args.toy_reward_prompts, args.seed + 1, "before")
 

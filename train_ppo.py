@@ -20,6 +20,7 @@ from accelerate import PartialState
 from transformers import DataCollatorWithPadding
 from trl.import_utils import TRLExperimentalWarning
 
+from utils.checkpointing import SaveAtFractions, SaveAtFractionsArguments
 from utils.cli import parse_args, run_script, setup_logging
 from utils.errors import ConfigError
 from utils.data import DataArguments, load_preference_data
@@ -37,7 +38,7 @@ GROUND_TRUTH = "ground_truth"
 
 
 @dataclass
-class PPOArguments(PPOConfig):
+class PPOArguments(SaveAtFractionsArguments, PPOConfig):
     output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the policy and logs go."})
     reward_model_path: str = field(
         default="outputs/reward",
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None):
     trainer = PPOTrainer(args=training_args, processing_class=tokenizer, model=policy,
                          ref_model=None,  # TRL makes a frozen copy, or with LoRA turns the adapters off
                          reward_model=reward_model, value_model=value_model, data_collator=collator,
-                         train_dataset=prompts["train"], eval_dataset=prompts.get("test"))
+                         train_dataset=prompts["train"], eval_dataset=prompts.get("test"),
+                         callbacks=[SaveAtFractions(training_args.save_at_fractions)])
     trainer.train()
 
     if model_args.use_peft:

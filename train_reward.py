@@ -14,6 +14,7 @@ from accelerate.utils import is_peft_model
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from trl import RewardConfig, RewardTrainer
 
+from utils.checkpointing import SaveAtFractions, SaveAtFractionsArguments
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.modeling import ModelArguments, apply_lora, load_model, load_tokenizer, router_kwargs
@@ -23,7 +24,7 @@ logger = logging.getLogger("train_reward")
 
 
 @dataclass
-class RewardArguments(RewardConfig):
+class RewardArguments(SaveAtFractionsArguments, RewardConfig):
     output_dir: str = field(default="outputs/reward", metadata={"help": "Where the reward model and logs go."})
     num_train_epochs: float = 2.0
     learning_rate: float = 1e-3
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None):
     if router_coef is None:
         router_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
     trainer_kwargs = dict(model=model, args=training_args, train_dataset=pairs["train"],
-                          eval_dataset=pairs.get("test"), processing_class=tokenizer)
+                          eval_dataset=pairs.get("test"), processing_class=tokenizer,
+                          callbacks=[SaveAtFractions(training_args.save_at_fractions)])
     if router_kwargs(model, True) and router_coef != 0:
         trainer = MoERewardTrainer(**trainer_kwargs, router_aux_loss_coef=router_coef)
     else:

@@ -13,7 +13,8 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from utils import toy_task
-from utils.checkpointing import ExactCheckpointLoading, GracefulInterrupt, exit_if_interrupted, resolve_resume
+from utils.checkpointing import (ExactCheckpointLoading, GracefulInterrupt, SaveAtFractions, SaveAtFractionsArguments,
+                                 exit_if_interrupted, resolve_resume)
 from utils.cli import parse_args, report_metrics, run_script, setup_logging
 from utils.data import DataArguments, load_preference_data
 from utils.generation import sample_completions
@@ -30,7 +31,7 @@ class SFTTrainer(NonFiniteGuard, ExactCheckpointLoading):
 
 
 @dataclass
-class SFTArguments(TrainingArguments):
+class SFTArguments(SaveAtFractionsArguments, TrainingArguments):
     output_dir: str = field(default="outputs/sft", metadata={"help": "Where the model and logs go."})
     num_train_epochs: float = 2.0
     learning_rate: float = 2e-3
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None):
     interrupt = GracefulInterrupt()  # SIGTERM/SIGINT: checkpoint at the end of the step, then stop
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                          data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
-                         callbacks=[interrupt])
+                         callbacks=[interrupt, SaveAtFractions(training_args.save_at_fractions)])
     with interrupt:
         result = trainer.train(resume_from_checkpoint=resume_from)
     exit_if_interrupted(trainer, interrupt)

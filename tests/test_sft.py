@@ -118,3 +118,23 @@ def test_sft_config_file_parses(tmp_path, monkeypatch):
     for key, value in yaml.safe_load(config_path.read_text()).items():
         owners = [args for args in parsed if hasattr(args, key)]
         assert owners and all(getattr(args, key) == value for args in owners), key
+
+
+def test_save_at_fractions_writes_model_only_checkpoints_at_those_steps(tmp_path):
+    """32 steps: 1/16, 1/4 and 1/2 of them are steps 2, 8 and 16; the checkpoints hold the weights of that step
+    (not the final ones) and no optimizer state (--save_strategy no)."""
+    output_dir = run_sft(tmp_path, "--toy_num_reviews", "256", "--per_device_train_batch_size", "8",
+                         "--num_train_epochs", "1", "--save_strategy", "no", "--save_at_fractions", "0.0625", "0.25",
+                         "0.5")
+    checkpoints = sorted((path for path in output_dir.iterdir() if path.name.startswith("checkpoint-")),
+                         key=lambda path: int(path.name.split("-")[1]))
+    assert [path.name for path in checkpoints] == ["checkpoint-2", "checkpoint-8", "checkpoint-16"]
+    assert not any((path / "optimizer.pt").exists() for path in checkpoints)
+    assert json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"] == 2
+    weights = [AutoModelForCausalLM.from_pretrained(path).lm_head.weight for path in (*checkpoints, output_dir)]
+    assert all(not torch.equal(a, b) for a, b in zip(weights, weights[1:]))  # training went on between them
+
+
+def test_save_at_fractions_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match="save_at_fractions"):
+        train_sft.SFTArguments(output_dir="unused", save_at_fractions=[1.5])

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,38 @@ class GracefulInterrupt(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+@dataclass
+class SaveAtFractionsArguments:
+    """Mixed into each train script's arguments: model checkpoints along training (experiments/claims.py's
+    reward-vs-KL curves)."""
+
+    save_at_fractions: list[float] = field(default_factory=list, metadata={
+        "help": "Also save checkpoint-<step> at these fractions of the run's optimizer steps, e.g. 0.0625 0.125 0.25 "
+                "0.5. With --save_strategy no they hold the model only (no resuming from them)."})
+
+    def __post_init__(self):
+        if any(not 0 < fraction <= 1 for fraction in self.save_at_fractions):
+            raise ValueError(f"--save_at_fractions must lie in (0, 1], got {self.save_at_fractions}")
+        if self.save_at_fractions and self.save_strategy in ("no", None):
+            self.save_only_model = True  # weights only: 5 optimizer states per run are disk the study never reads
+        super().__post_init__()
+
+
+class SaveAtFractions(TrainerCallback):
+    """Sets the Trainer's should_save at the steps nearest the given fractions of max_steps (TRL's online trainers
+    honour it too), so the engine, not we, writes the checkpoint: sharded models stay correct."""
+
+    def __init__(self, fractions: list[float]):
+        self.fractions, self.steps = fractions, set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = {max(1, round(fraction * state.max_steps)) for fraction in self.fractions}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
 
 
 def exit_if_interrupted(trainer, interrupt: GracefulInterrupt) -> None:
