@@ -18,6 +18,7 @@ For held-out prompts it samples one completion from each model and reports, as J
 """
 
 import json
+import math
 import logging
 import os
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class EvalArguments:
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64
+    sample_reference: bool = field(default=True, metadata={
+        "help": "Also sample the reference, for the win rate (off: win_rate is nan, the evaluation ~40% faster)."})
     num_eval_pairs: int = field(default=256, metadata={"help": "Held-out pairs for preference accuracy (0: skip)."})
     output_file: str | None = field(default=None, metadata={"help": "JSON results; default <policy_path>/eval_policy.json."})
 
@@ -115,9 +118,9 @@ def evaluate_policy(args: EvalArguments) -> dict:
 
     torch.manual_seed(args.sample_seed)
     policy_samples = sample(policy, tokenizer, prompts, **sampling)
-    reference_samples = sample(reference, tokenizer, prompts, **sampling)
     policy_scores = judge(prompts, [s.text for s in policy_samples])
-    reference_scores = judge(prompts, [s.text for s in reference_samples])
+    if args.sample_reference:
+        reference_scores = judge(prompts, [s.text for s in sample(reference, tokenizer, prompts, **sampling)])
     logps = (sampled_logps(policy, policy_samples, tokenizer.pad_token_id, args.batch_size),
              sampled_logps(reference, policy_samples, tokenizer.pad_token_id, args.batch_size))
     log_ratios = logps[0] - logps[1]
@@ -126,11 +129,11 @@ def evaluate_policy(args: EvalArguments) -> dict:
     results = {
         "policy": args.policy_path, "reference": args.reference_path, "judge": args.judge,
         "num_prompts": args.num_prompts, "mean_reward": sum(policy_scores) / len(policy_scores),
-        "reference_mean_reward": sum(reference_scores) / len(reference_scores),
+        "reference_mean_reward": sum(reference_scores) / len(reference_scores) if args.sample_reference else math.nan,
         "kl": kl_estimate(*logps), "kl_full": full_kls.mean().item(),
         "kl_std": log_ratios.std().item() if len(prompts) > 1 else 0.0,
         "kl_full_std": full_kls.std().item() if len(prompts) > 1 else 0.0,
-        "win_rate": win_rate(policy_scores, reference_scores),
+        "win_rate": win_rate(policy_scores, reference_scores) if args.sample_reference else math.nan,
         "mean_length": sum(len(s.completion_ids) for s in policy_samples) / len(policy_samples),
         "distinct_2": distinct_n(texts, 2),
         "samples": [{"prompt": p, "completion": text, "score": r}

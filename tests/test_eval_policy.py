@@ -49,6 +49,17 @@ def test_policy_equal_to_reference_has_zero_kl_and_writes_json(tmp_path):
     assert json.loads(output.read_text())["mean_reward"] == pytest.approx(results["mean_reward"])
 
 
+def test_without_reference_samples_the_policy_samples_are_the_same(tmp_path):
+    """--sample_reference false skips only the reference's samples (and the win rate): the policy's, drawn first
+    from the same seed, and every metric of them are unchanged."""
+    flags = ["--policy_path", "mixtral-tiny", "--reference_path", "mixtral-tiny", "--num_prompts", "6",
+             "--num_eval_pairs", "0", "--max_new_tokens", "5"]
+    full = eval_policy.main([*flags, "--output_file", str(tmp_path / "a.json")])
+    policy_only = eval_policy.main([*flags, "--output_file", str(tmp_path / "b.json"), "--sample_reference", "false"])
+    assert policy_only["completions"] == full["completions"] and policy_only["mean_reward"] == full["mean_reward"]
+    assert math.isnan(policy_only["win_rate"]) and not math.isnan(full["win_rate"])
+
+
 def test_sampled_logps_equal_a_plain_loop_over_the_sampled_ids():
     """The KL's log-probs: padded batches of sampled ids (cut at eos) score like each sample alone."""
     from helpers import loop_logps
