@@ -41,6 +41,12 @@ def test_quick_frontier_trains_every_method_and_reports_its_budget(tmp_path, mon
     header = table.index(next(line for line in table if line.startswith("| method |")))
     assert len(table) == header + 2 + len(rows) and "±" not in "".join(table)
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "frontier_curves.csv") as f:  # DPO's and PPO's checkpoints along training
+        curves = list(csv.DictReader(f))
+    for method in ("DPO beta=0.1", "PPO kl=0.1", "PPO-GT kl=0.1"):
+        steps = [int(row["step"]) for row in curves if row["method"] == method]
+        assert len(steps) >= 2 and steps == sorted(set(steps)), (method, steps)
+    assert {row["method"] for row in curves} == {m for m in rows if m.startswith(("DPO", "PPO"))}
 
 
 def test_mean_interval_is_the_t_interval():
@@ -66,7 +72,8 @@ def test_a_resumed_run_skips_the_steps_that_finished(tmp_path):
     output = tmp_path / "pairs.jsonl"
     flags = ("--output_file", output, "--num_pairs", 5)
     seconds = frontier.Steps(1, str(tmp_path)).run("pairs", "make_toy_pairs.py", *flags)
-    assert frontier.Steps(1, str(tmp_path)).tokens("pairs") == {"forward_backward": 0, "forward": 0}  # no model
+    assert frontier.Steps(1, str(tmp_path)).tokens("pairs") == {"forward_backward": 0, "forward": 0,  # no model
+                                                                "flops_per_position": {}, "events": []}
     output.unlink()
     assert frontier.Steps(1, str(tmp_path), resume=True).run("pairs", "make_toy_pairs.py", *flags) == seconds
     assert not output.exists()  # not run again
