@@ -10,7 +10,9 @@ a reward model, PPO against it at several KL coefficients, PPO-GT (PPO on the gr
 coefficients and episodes, Preferred-FT (SFT on the chosen completions) and best-of-N sampling from SFT under the
 learned reward. The seed sets each run's training (data order, rollouts, the reward model's) and its evaluation
 samples. Every policy is evaluated by eval_policy.py on held-out test prompts: mean ground-truth reward (y) against
-KL to the SFT policy (x). Each point is the mean over seeds with a 95% t-interval. Writes frontier.png (error bars),
+KL to the SFT policy (x). Each point is the mean over seeds with a 95% t-interval; DPO and PPO are also evaluated
+at 1/16, 1/8, 1/4 and 1/2 of their optimizer steps (frontier_curves.csv), and frontier.png draws each run's path
+from SFT through them to its end point (error bars). Writes frontier.png,
 frontier.csv (mean and interval half-width per method), frontier_seeds.csv (every run) and frontier.md (the table
 with each method's budget: preference pairs, reward queries, estimated forward/backward tokens, wall time; and the
 differences between methods, with intervals paired by seed) to --output_dir.
@@ -60,6 +62,7 @@ SIZES = {  # default / --quick
     "seeds": (3, 1),
 }
 TUNING_GRID = {"learning_rate": (1e-4, 3e-4, 1e-3, 3e-3), "num_ppo_epochs": (2, 4)}
+FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)  # DPO and PPO checkpoints along training, and the end: the curves
 VALIDATION_PROMPT_SEED = 20_000  # the test prompts are eval_policy's default prompt_seed (10,000)
 PPO_CONFIG = os.path.join(REPO, "configs", "ppo_toy.yaml")
 DATA_FLAGS = ("--eval_fraction", "0.1", "--max_length", "128")
@@ -194,15 +197,16 @@ def run_main(script: str, argv: list[str], log) -> bool:
     """`script`'s main(argv) in this process with its output in `log`; whether it succeeded (a failure's traceback
     goes to the log, as a failed process's would)."""
     module = importlib.import_module(os.path.splitext(script)[0])
-    with contextlib.chdir(REPO), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            module.main(argv)
-            return True
-        except (Exception, SystemExit):  # noqa: BLE001 -- reported like a failed process's exit
-            traceback.print_exc(file=log)
-            return False
-        finally:
-            logging.basicConfig(force=True)  # the script's log handler writes to `log`, closed next
+    try:
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                module.main(argv)
+                return True
+            except (Exception, SystemExit):  # noqa: BLE001 -- reported like a failed process's exit
+                traceback.print_exc(file=log)
+                return False
+    finally:  # the script's log handler writes to `log`, closed next: a new one on the real stderr
+        logging.basicConfig(force=True)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -372,7 +376,7 @@ def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> 
     reward = os.path.join(out, f"reward_seed{seed}")
     for beta in size["betas"]:
         name = f"dpo_beta{beta}_seed{seed}"
-        future = submit_dpo(steps, name, out, sft, data, beta, seed)
+        future = submit_dpo(steps, name, out, sft, data, beta, seed, "--save_at_fractions", *FRACTIONS)
         # 2 epochs of forward+backward on every pair, plus one reference forward
         methods[f"DPO beta={beta}"] = (os.path.join(out, name), future, 3 * pair_tokens, tokens["pairs"], 0)
 
@@ -387,15 +391,34 @@ def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> 
                                             (f"PPO-GT kl={kl_coef}", "ground_truth", "ppo_gt")):
             name = f"{prefix}_kl{kl_coef}_seed{seed}"
             learned = reward_path == reward  # reward model + PPO also pays for the reward model and uses the pairs
-            future = submit_ppo(steps, name, out, sft, reward_path, data, kl_coef, seed, size,
+            future = submit_ppo(steps, name, out, sft, reward_path, data, kl_coef, seed, size, "--save_at_fractions",
+                                *FRACTIONS,
                                 after=[reward_future] if learned else [])
             methods[method] = (os.path.join(out, name), future, reward_tokens * learned + ppo_tokens,
                                tokens["pairs"] * learned, ppo_queries)
     return {"reward": (reward, reward_future), "reward_tokens": reward_tokens, "methods": methods}
 
 
+def trajectory(method: str, run: str, sft: str, size: dict, seed: int) -> list[dict]:
+    """A run's checkpoints along training (checkpoint-<step>, from --save_at_fractions), each evaluated as `evaluate`
+    does, without the win rate: the curve that leads to the run's end point."""
+    from eval_policy import EvalArguments, evaluate_policy
+
+    steps = sorted(int(entry.split("-")[1]) for entry in os.listdir(run) if entry.startswith("checkpoint-"))
+    rows = []
+    for step in steps:
+        results = evaluate_policy(EvalArguments(
+            policy_path=os.path.join(run, f"checkpoint-{step}"), reference_path=sft, sample_seed=seed,
+            num_prompts=size["eval_prompts"], max_new_tokens=size["max_new_tokens"], num_eval_pairs=0,
+            sample_reference=False))
+        rows.append({"method": method, "seed": seed, "step": step, "mean_reward": results["mean_reward"],
+                     "kl": results["kl"]})
+    return rows
+
+
 def evaluate_seed(seed: int, submitted: dict, shared: dict, size: dict, logs: str) -> list[dict]:
-    """Every method of one seed evaluated on the test prompts (with that seed's samples): one row per method."""
+    """Every method of one seed evaluated on the test prompts (with that seed's samples): one row per method, and
+    DPO's and PPO's checkpoints along training (rows with a `step`)."""
     sft, pairs = shared["sft"], shared["tokens"]["pairs"]
     reward, reward_future = submitted["reward"]
     reward_seconds = reward_future.result()
@@ -406,6 +429,8 @@ def evaluate_seed(seed: int, submitted: dict, shared: dict, size: dict, logs: st
         rows.append({"method": method, "seed": seed, **evaluate(path, sft, size, logs, seed), "wall_s": seconds,
                      "tokens": int(method_tokens), "pairs": method_pairs, "reward_queries": queries})
         print(f"{method} seed {seed}: reward {rows[-1]['mean_reward']:.3f}, KL {rows[-1]['kl']:.2f}", flush=True)
+        if method.startswith(("DPO", "PPO")):
+            rows += trajectory(method, path, sft, size, seed)
     start = time.perf_counter()
     bon = best_of_n(sft, reward, size, seed)
     rows.append({"method": f"Best-of-{size['best_of_n']}", "seed": seed, "mean_reward": bon["mean_reward"],
@@ -467,7 +492,7 @@ def comparisons(rows: list[dict], size: dict) -> list[str]:
 
 def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -478,7 +503,10 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = [row for row in rows if "step" in row]
+    rows = [row for row in rows if "step" not in row]
     summary = summarize(rows)
+    write_csv(os.path.join(out, "frontier_curves.csv"), curves)
     write_csv(os.path.join(out, "frontier_seeds.csv"), rows)
     write_csv(os.path.join(out, "frontier.csv"), summary)
     seeds = summary[0]["seeds"]
@@ -498,25 +526,35 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
         f.write("\n".join(lines) + "\n")
 
     figure, axes = plt.subplots(figsize=(7, 4.8))
+    sft = next(r for r in summary if r["method"] == "SFT")
     for family, marker in (("DPO", "o"), ("PPO kl", "s"), ("PPO-GT", "^"), ("Preferred-FT", "D"), ("Best-of", "*"),
                            ("SFT", "x")):
         points = sorted((r["kl"], r["mean_reward"], r["kl_ci95"], r["mean_reward_ci95"]) for r in summary
                         if r["method"].startswith(family))
-        if points:
-            kl, reward, kl_error, reward_error = zip(*points)
-            axes.errorbar(kl, reward, xerr=[0 if math.isnan(e) else e for e in kl_error],
-                          yerr=[0 if math.isnan(e) else e for e in reward_error], marker=marker, capsize=3,
-                          linestyle="-" if len(points) > 1 else "", label=family.replace(" kl", ""))
+        if not points:
+            continue
+        kl, reward, kl_error, reward_error = zip(*points)
+        markers = axes.errorbar(kl, reward, xerr=[0 if math.isnan(e) else e for e in kl_error],
+                                yerr=[0 if math.isnan(e) else e for e in reward_error], marker=marker, capsize=3,
+                                linestyle="", label=family.replace(" kl", ""))
+        for r in summary:  # each end point's path along training: SFT, then its checkpoints (mean over seeds)
+            if r["method"].startswith(family) and any(c["method"] == r["method"] for c in curves):
+                steps = sorted({c["step"] for c in curves if c["method"] == r["method"]})
+                path = [(statistics.fmean(c[key] for c in curves if c["method"] == r["method"] and c["step"] == step)
+                         for key in ("kl", "mean_reward")) for step in steps]
+                axes.plot(*zip((sft["kl"], sft["mean_reward"]), *path, (r["kl"], r["mean_reward"])),
+                          color=markers[0].get_color(), alpha=0.5, linewidth=1)
     axes.set_xlabel("KL(policy || SFT), nats per completion")
     axes.set_ylabel("mean ground-truth reward (VADER)")
     axes.set_title("Toy sentiment frontier" + (" (--quick)" if args.quick else "")
-                   + (f": mean of {seeds} seeds, 95% intervals" if seeds > 1 else ""))
+                   + (f": mean of {seeds} seeds, 95% intervals" if seeds > 1 else "")
+                   + "; lines: each run along training", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(out, "frontier.png"), dpi=120)
     print("\n".join(lines))
-    print(f"wrote {out}/frontier.png, frontier.csv, frontier_seeds.csv, frontier.md")
+    print(f"wrote {out}/frontier.png, frontier.csv, frontier_seeds.csv, frontier_curves.csv, frontier.md")
 
 
 # ------------------------------------------------------------------------------------------------ PPO tuning
