@@ -38,7 +38,7 @@ difference read at the largest KL of curves.KL_GRID that every compared curve re
 over seeds; Holm's correction across the claims; verdict "supported" (significant, predicted sign), "contradicted"
 (significant, other sign) or "not shown".
 
-Writes claims.md, claims.csv (every evaluated checkpoint), tuning.csv and claims_frontier.png, claims_data.png,
+Writes claims.md, claims.csv (every evaluated checkpoint), tuning.csv and claims_curves.png, claims_data.png,
 claims_compute.png to --results_dir.
 """
 
@@ -468,8 +468,8 @@ class Curves:
     the data experiment's pair count ("all" for all the seed's pairs), None elsewhere. Only the seeds that have every
     curve count (the report of a run cut short)."""
 
-    def __init__(self, rows: list[dict], data_sizes):
-        self.rows = {}
+    def __init__(self, rows: list[dict], data_sizes, read=curves.at_kl):
+        self.rows, self.read = {}, read  # read: how a curve is read at a KL
         for row in rows:
             size = None if row["experiment"] != "data" else row["pairs"] if row["pairs"] in data_sizes else "all"
             self.rows.setdefault((row["experiment"], row["method"], size), {}).setdefault(row["seed"], []).append(row)
@@ -486,7 +486,7 @@ class Curves:
         kl = curves.deciding_value([self.points(key, seed, y) for key in keys for seed in self.seeds])
         if kl is None:
             return None, None
-        return kl, {key: [curves.at_kl(self.points(key, seed, y), kl) for seed in self.seeds] for key in keys}
+        return kl, {key: [self.read(self.points(key, seed, y), kl) for seed in self.seeds] for key in keys}
 
 
 FRONTIER_DPO, FRONTIER_PPO, FRONTIER_PFT = (("frontier", method, None) for method in ("DPO", "RM + PPO",
@@ -586,6 +586,18 @@ def results_section(decisions: list[dict], seeds: int) -> list[str]:
             f"better, or cheaper); contradicted: Holm p <= {curves.ALPHA} with the other sign; otherwise not shown.",
             "", *table(["claim", "from", "deciding comparison", "read at", "difference", "p", "Holm p", "verdict"],
                        lines)]
+
+
+def sensitivity_section(decisions: list[dict], linear: list[dict]) -> list[str]:
+    lines = [[d["claim"], d["at"], plus_minus(d["mean"], d["half_width"], 3) if d["seeds"] else "–",
+              p_text(d["p_holm"]), d["verdict"], e["at"], plus_minus(e["mean"], e["half_width"], 3) if e["seeds"]
+              else "–", p_text(e["p_holm"]), e["verdict"]] for d, e in zip(decisions, linear)]
+    return ["## Sensitivity to how a curve is read", "",
+            "The verdicts above read each curve as a frontier (the best reward within the KL budget). Read instead "
+            "by plain linear interpolation between its points ordered by KL, a PPO checkpoint that overshoots in KL "
+            "early in training pulls PPO's reading down between its neighbours. Both readings, the same runs:", "",
+            *table(["claim", "frontier: at", "difference", "Holm p", "verdict", "linear: at", "difference",
+                    "Holm p", "verdict"], lines)]
 
 
 def rules_section(size: dict) -> list[str]:
@@ -840,21 +852,21 @@ def plot(c: Curves, report: dict, data_sizes, results_dir: str, suffix: str) -> 
     figure.tight_layout()
     figure.savefig(os.path.join(results_dir, "claims_data.png"), dpi=110)
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for method in ("DPO", "RM + PPO"):
-        color = None
-        for seed in c.seeds:
-            flops, rewards = zip(*compute_points(c, method, seed, report["tuning_flops"][method]))
-            (line,) = axes.plot([f / 1e12 for f in flops], rewards, marker=".", alpha=0.6, color=color,
-                                label=method if color is None else None)
-            color = line.get_color()
-        axes.axvline(report["tuning_flops"][method] / 1e12, color=color, linestyle=":", alpha=0.7)
-    axes.set_xscale("log")
-    axes.set_xlabel("cumulative TFLOPs, tuning included (dotted: the tuning alone)")
-    axes.set_ylabel("ground-truth reward")
-    axes.set_title(f"Reward against compute, frontier runs, one line per seed{suffix}", fontsize=10)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.4))
+    for axes, tuned in zip(panels, (True, False)):
+        for method in ("DPO", "RM + PPO"):
+            tuning, color = report["tuning_flops"][method] if tuned else 0.0, None
+            for seed in c.seeds:
+                flops, rewards = zip(*compute_points(c, method, seed, tuning))
+                (line,) = axes.plot([f / 1e12 for f in flops], rewards, marker=".", alpha=0.6, color=color,
+                                    label=method if color is None else None)
+                color = line.get_color()
+        axes.set_xlabel("cumulative TFLOPs" + (", tuning included" if tuned else ", the runs alone (no tuning)"))
+        axes.set_ylabel("ground-truth reward")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    panels[0].set_xscale("log")
+    figure.suptitle(f"Reward against compute, frontier runs, one line per seed{suffix}", fontsize=10)
     figure.tight_layout()
     figure.savefig(os.path.join(results_dir, "claims_compute.png"), dpi=110)
 
@@ -868,6 +880,7 @@ def write_outputs(report: dict, args) -> list[dict]:
                        [row for row in report["rows"] if row["seed"] in c.seeds])
     frontier.write_csv(os.path.join(results_dir, "tuning.csv"), report["tuning"])
     decisions = decide(c, report, data_sizes)
+    linear = decide(Curves(report["rows"], data_sizes, read=curves.linear_at_kl), report, data_sizes)
     quick = " (--quick)" if report["quick"] else ""
     lines = [f"# What is claimed for DPO, at toy scale{quick}", "",
              f"`experiments/claims.py{' --quick' if report['quick'] else ''}`: {len(c.seeds)} seed(s) "
@@ -876,6 +889,7 @@ def write_outputs(report: dict, args) -> list[dict]:
              f"and test prompts and seeds training and sampling; the SFT policy is shared (not re-trained per seed). "
              f"Tuning ran on seed 0 only, which is not among the evaluated seeds.", "",
              *results_section(decisions, len(c.seeds)), "", *rules_section(size), "",
+             *sensitivity_section(decisions, linear), "",
              *frontier_section(c), "", *data_section(c, data_sizes), "", *compute_section(c, report), "",
              *topic_section(c), "", *adapt_section(c), "", *iterative_section(c), "", *tuning_section(report, size)]
     with open(os.path.join(results_dir, "claims.md"), "w") as f:

@@ -31,6 +31,17 @@ def at_kl(points: list[tuple[float, float]], kl: float) -> float:
     return best
 
 
+def linear_at_kl(points: list[tuple[float, float]], kl: float) -> float:
+    """The plain reading, for the sensitivity check: linear interpolation between the points ordered by KL."""
+    ordered = sorted(points)
+    if not ordered[0][0] <= kl <= ordered[-1][0]:
+        raise ValueError(f"KL {kl} is outside the curve's range [{ordered[0][0]}, {ordered[-1][0]}]")
+    for (kl_a, reward_a), (kl_b, reward_b) in zip(ordered, ordered[1:]):
+        if kl_a <= kl <= kl_b and kl_b > kl_a:
+            return reward_a + (reward_b - reward_a) * (kl - kl_a) / (kl_b - kl_a)
+    return next(reward for x, reward in ordered if x == kl)
+
+
 def deciding_value(curves: list[list[tuple[float, float]]], grid=KL_GRID) -> float | None:
     """The largest grid value inside every curve's range (each curve starts at 0), or None."""
     reach = min(max(x for x, _ in curve) for curve in curves)

@@ -72,6 +72,9 @@ def test_reward_at_a_kl_budget_by_hand():
     assert curves.at_kl(points, 0.25) == pytest.approx(0.15)  # half SFT, half (0.5, 0.3)
     with pytest.raises(ValueError):
         curves.at_kl(points, 2.5)
+    # the plain reading of the sensitivity check: between (1.0, 0.5) and the overshoot (2.0, 0.1)
+    assert curves.linear_at_kl(points, 1.5) == pytest.approx(0.3)
+    assert curves.linear_at_kl(points, 0.75) == pytest.approx(0.4)
     c = claims.Curves([{"experiment": "frontier", "method": "DPO", "seed": seed, "pairs": 10, "kl": kl, "reward": r}
                        for seed, end in ((1, 1.2), (2, 0.9)) for kl, r in ((0.0, 0.0), (end, end))], ())
     assert c.matched([claims.FRONTIER_DPO]) == (0.75, {claims.FRONTIER_DPO: [0.75, 0.75]})  # 0.9 < 1.0 on the grid
