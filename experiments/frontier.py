@@ -1,6 +1,6 @@
 """The DPO paper's controlled-sentiment study (its Figure 2) at toy scale: reward vs KL frontier.
 
-    .venv/bin/python experiments/frontier.py --jobs 2     # default sizes, 3 seeds: ~16 minutes on 2 CPU cores
+    .venv/bin/python experiments/frontier.py --jobs 2     # default sizes, 3 seeds: 27 minutes on 2 CPU cores
     .venv/bin/python experiments/frontier.py --quick      # reduced sizes, 1 seed, ~1.5 minutes (the tests use it)
     .venv/bin/python experiments/frontier.py --tune_ppo --jobs 2   # PPO's learning rate x epochs: ~5 minutes
 
