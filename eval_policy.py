@@ -50,7 +50,8 @@ class EvalArguments:
     top_p: float = 1.0
     batch_size: int = 64
     sample_reference: bool = field(default=True, metadata={
-        "help": "Also sample the reference, for the win rate (off: win_rate is nan, the evaluation ~40% faster)."})
+        "help": "Also sample the reference, for the win rate (off: win_rate is nan and the evaluation samples half "
+                "as much)."})
     num_eval_pairs: int = field(default=256, metadata={"help": "Held-out pairs for preference accuracy (0: skip)."})
     output_file: str | None = field(default=None, metadata={"help": "JSON results; default <policy_path>/eval_policy.json."})
 
