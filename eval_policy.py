@@ -120,8 +120,8 @@ def evaluate_policy(args: EvalArguments) -> dict:
     torch.manual_seed(args.sample_seed)
     policy_samples = sample(policy, tokenizer, prompts, **sampling)
     policy_scores = judge(prompts, [s.text for s in policy_samples])
-    if args.sample_reference:
-        reference_scores = judge(prompts, [s.text for s in sample(reference, tokenizer, prompts, **sampling)])
+    reference_scores = (judge(prompts, [s.text for s in sample(reference, tokenizer, prompts, **sampling)])
+                        if args.sample_reference else None)
     logps = (sampled_logps(policy, policy_samples, tokenizer.pad_token_id, args.batch_size),
              sampled_logps(reference, policy_samples, tokenizer.pad_token_id, args.batch_size))
     log_ratios = logps[0] - logps[1]
@@ -130,11 +130,11 @@ def evaluate_policy(args: EvalArguments) -> dict:
     results = {
         "policy": args.policy_path, "reference": args.reference_path, "judge": args.judge,
         "num_prompts": args.num_prompts, "mean_reward": sum(policy_scores) / len(policy_scores),
-        "reference_mean_reward": sum(reference_scores) / len(reference_scores) if args.sample_reference else math.nan,
+        "reference_mean_reward": sum(reference_scores) / len(reference_scores) if reference_scores else math.nan,
         "kl": kl_estimate(*logps), "kl_full": full_kls.mean().item(),
         "kl_std": log_ratios.std().item() if len(prompts) > 1 else 0.0,
         "kl_full_std": full_kls.std().item() if len(prompts) > 1 else 0.0,
-        "win_rate": win_rate(policy_scores, reference_scores) if args.sample_reference else math.nan,
+        "win_rate": win_rate(policy_scores, reference_scores) if reference_scores else math.nan,
         "mean_length": sum(len(s.completion_ids) for s in policy_samples) / len(policy_samples),
         "distinct_2": distinct_n(texts, 2),
         "samples": [{"prompt": p, "completion": text, "score": r}

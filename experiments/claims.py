@@ -85,7 +85,6 @@ SIZES = {  # default / --quick
 }
 TUNING_KL_COEF = 0.3  # the KL weight of the tuning objective, as in frontier.py --tune_ppo
 TEST_PROMPT_SEED = 10_000  # + the seed; the validation prompts are frontier.VALIDATION_PROMPT_SEED (20,000)
-METRICS = ("reward", "kl", "kl_sampled", "topic_reward", "topic_rate", "words", "length", "distinct_2")
 
 # Each claim: where it comes from, what it says, its deciding comparison and the sign that supports it.
 CLAIMS = [
@@ -151,15 +150,12 @@ class Study:
 
     def __init__(self, size: dict, out: str, steps: frontier.Steps):
         self.size, self.out, self.steps = size, out, steps
-        self.futures, self.evaluations = {}, {}
+        self.futures, self.evaluations, self.counts = {}, {}, {}
         self.fractions = [str(fraction) for fraction in size["fractions"]]
         os.makedirs(os.path.join(steps.log_dir, "evals"), exist_ok=True)
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
-
-    def done(self, name: str) -> concurrent.futures.Future:
-        return self.futures[name]
 
     # One training run each, submitted to the pool once the steps it reads have finished; saved along training
     # (--save_at_fractions) unless it only tunes.
@@ -199,14 +195,17 @@ class Study:
             self.path(f"{name}.jsonl"), *flags, after=[self.futures[a] for a in after], priority=priority)
 
     def flops(self, step: str, until: float = math.inf) -> float:
-        return flops_until(self.steps.tokens(step), until)
+        """FLOPs a finished step counted up to wall time `until` (its counts read once)."""
+        if step not in self.counts:
+            self.counts[step] = self.steps.tokens(step)
+        return flops_until(self.counts[step], until)
 
     def evaluate(self, policy: str, reference: str, seed: int, **overrides) -> dict:
         """Metrics of checkpoint folder `policy` against `reference` on the seed's test prompts (cached; saved for
         --resume)."""
         key = json.dumps([os.path.relpath(policy, self.out), os.path.relpath(reference, self.out), seed, overrides])
         if key not in self.evaluations:
-            from eval_policy import EvalArguments, evaluate_policy
+            from eval_policy import evaluate_policy
             from utils import toy_task
 
             saved = os.path.join(self.steps.log_dir, "evals", re.sub(r"[^\w.-]+", "_", key) + ".json")
@@ -214,10 +213,9 @@ class Study:
                 with open(saved) as f:
                     self.evaluations[key] = json.load(f)
                 return self.evaluations[key]
-            arguments = dict(policy_path=policy, reference_path=reference, sample_seed=seed, num_eval_pairs=0,
-                             num_prompts=self.size["eval_prompts"], max_new_tokens=self.size["max_new_tokens"],
-                             prompt_seed=TEST_PROMPT_SEED + seed, sample_reference=False)
-            results = evaluate_policy(EvalArguments(**{**arguments, **overrides}))
+            test = {"prompt_seed": TEST_PROMPT_SEED + seed, "sample_reference": False}
+            results = evaluate_policy(frontier.eval_arguments(policy, reference, self.size, seed,
+                                                              **{**test, **overrides}))
             texts = results["completions"]
             metrics = {"reward": results["mean_reward"], "kl": results["kl_full"], "kl_sampled": results["kl"],
                        "topic_reward": statistics.fmean(toy_task.topic_penalised_reward(texts)),
@@ -232,16 +230,14 @@ class Study:
 
     def checkpoints(self, step: str) -> list[tuple[str, int, float]]:
         """(folder, optimizer step, wall time it was written) of a finished run's checkpoints, the final model last."""
+        from utils.checkpointing import checkpoints
+
         folder = self.path(step)
-        found = []
-        for entry in os.listdir(folder):
-            match = re.fullmatch(r"checkpoint-(\d+)", entry)
-            if match:
-                state = os.path.join(folder, entry, "trainer_state.json")
-                found.append((os.path.join(folder, entry), int(match.group(1)), os.path.getmtime(state)))
         with open(os.path.join(folder, "trainer_state.json")) as f:
             final_step = json.load(f)["global_step"]
-        return [*sorted(found, key=lambda item: item[1]), (folder, final_step, math.inf)]
+        return [*((checkpoint, int(checkpoint.rsplit("-", 1)[1]),
+                   os.path.getmtime(os.path.join(checkpoint, "trainer_state.json")))
+                  for checkpoint in reversed(checkpoints(folder))), (folder, final_step, math.inf)]
 
 
 # ------------------------------------------------------------------------------------------------ the runs
@@ -310,7 +306,7 @@ def submit_seed(study: Study, seed: int, picks: dict) -> list[dict]:
     for n in size["data_sizes"]:
         with open(study.path(f"{pairs}_n{n}.jsonl"), "w") as f:
             f.writelines(lines[:n])
-    frontier_relabel(study.path(f"{pairs}.jsonl"), study.path(f"{pairs}_topic.jsonl"))
+    relabel_topic(study.path(f"{pairs}.jsonl"), study.path(f"{pairs}_topic.jsonl"))
     dpo_steps = full_steps(study, f"{pairs}.jsonl", "dpo_toy.yaml") * dpo["num_train_epochs"]
     reward_steps = full_steps(study, f"{pairs}.jsonl", "reward_toy.yaml") * config_value("reward_toy.yaml",
                                                                                          "num_train_epochs")
@@ -384,7 +380,7 @@ def submit_seed(study: Study, seed: int, picks: dict) -> list[dict]:
     return curves_
 
 
-def frontier_relabel(pairs_file: str, out_file: str) -> None:
+def relabel_topic(pairs_file: str, out_file: str) -> None:
     """The same samples labelled by the topic world's ground truth (ties dropped, as build_pairs does)."""
     from utils import toy_task
 

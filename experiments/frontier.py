@@ -283,13 +283,21 @@ def best_of_n(sft_dir: str, reward_dir: str, size: dict, seed: int) -> dict:
             "reward_queries": n * len(prompts), "tokens": n * len(prompts) * size["max_new_tokens"]}
 
 
+def eval_arguments(policy: str, reference: str, size: dict, seed: int, **overrides):
+    """eval_policy's arguments for the study's evaluations: `size`'s prompts and lengths, the seed's samples, no
+    held-out pairs; `overrides` last."""
+    from eval_policy import EvalArguments
+
+    return EvalArguments(**{**dict(policy_path=policy, reference_path=reference, sample_seed=seed, num_eval_pairs=0,
+                                   num_prompts=size["eval_prompts"], max_new_tokens=size["max_new_tokens"]),
+                            **overrides})
+
+
 def evaluation(policy: str, reference: str, size: dict, logs: str, seed: int, **overrides) -> dict:
     """eval_policy's results for `policy` on the test prompts (or as `overrides` say), also written to the logs."""
-    from eval_policy import EvalArguments, evaluate_policy
+    from eval_policy import evaluate_policy
 
-    arguments = dict(policy_path=policy, reference_path=reference, sample_seed=seed, num_prompts=size["eval_prompts"],
-                     max_new_tokens=size["max_new_tokens"], num_eval_pairs=0)
-    results = evaluate_policy(EvalArguments(**{**arguments, **overrides}))
+    results = evaluate_policy(eval_arguments(policy, reference, size, seed, **overrides))
     name = os.path.basename(policy) + "".join(f"_{key}" for key in overrides)  # e.g. _judge_prompt_seed
     with open(os.path.join(logs, f"eval_{name}_seed{seed}.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -402,17 +410,14 @@ def submit_seed(seed: int, shared: dict, size: dict, out: str, steps: Steps) -> 
 def trajectory(method: str, run: str, sft: str, size: dict, seed: int) -> list[dict]:
     """A run's checkpoints along training (checkpoint-<step>, from --save_at_fractions), each evaluated as `evaluate`
     does, without the win rate: the curve that leads to the run's end point."""
-    from eval_policy import EvalArguments, evaluate_policy
+    from eval_policy import evaluate_policy
+    from utils.checkpointing import checkpoints
 
-    steps = sorted(int(entry.split("-")[1]) for entry in os.listdir(run) if entry.startswith("checkpoint-"))
     rows = []
-    for step in steps:
-        results = evaluate_policy(EvalArguments(
-            policy_path=os.path.join(run, f"checkpoint-{step}"), reference_path=sft, sample_seed=seed,
-            num_prompts=size["eval_prompts"], max_new_tokens=size["max_new_tokens"], num_eval_pairs=0,
-            sample_reference=False))
-        rows.append({"method": method, "seed": seed, "step": step, "mean_reward": results["mean_reward"],
-                     "kl": results["kl"]})
+    for checkpoint in reversed(checkpoints(run)):  # oldest first
+        results = evaluate_policy(eval_arguments(checkpoint, sft, size, seed, sample_reference=False))
+        rows.append({"method": method, "seed": seed, "step": int(checkpoint.rsplit("-", 1)[1]),
+                     "mean_reward": results["mean_reward"], "kl": results["kl"]})
     return rows
 
 
@@ -525,6 +530,11 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
+    paths = {}  # method -> its mean (KL, reward) over seeds at each checkpoint along training, in step order
+    for method, step in sorted({(c["method"], c["step"]) for c in curves}):
+        at_step = [c for c in curves if c["method"] == method and c["step"] == step]
+        paths.setdefault(method, []).append(tuple(statistics.fmean(c[key] for c in at_step)
+                                                  for key in ("kl", "mean_reward")))
     figure, axes = plt.subplots(figsize=(7, 4.8))
     sft = next(r for r in summary if r["method"] == "SFT")
     for family, marker in (("DPO", "o"), ("PPO kl", "s"), ("PPO-GT", "^"), ("Preferred-FT", "D"), ("Best-of", "*"),
@@ -537,12 +547,9 @@ def write_outputs(rows: list[dict], out: str, args) -> None:
         markers = axes.errorbar(kl, reward, xerr=[0 if math.isnan(e) else e for e in kl_error],
                                 yerr=[0 if math.isnan(e) else e for e in reward_error], marker=marker, capsize=3,
                                 linestyle="", label=family.replace(" kl", ""))
-        for r in summary:  # each end point's path along training: SFT, then its checkpoints (mean over seeds)
-            if r["method"].startswith(family) and any(c["method"] == r["method"] for c in curves):
-                steps = sorted({c["step"] for c in curves if c["method"] == r["method"]})
-                path = [(statistics.fmean(c[key] for c in curves if c["method"] == r["method"] and c["step"] == step)
-                         for key in ("kl", "mean_reward")) for step in steps]
-                axes.plot(*zip((sft["kl"], sft["mean_reward"]), *path, (r["kl"], r["mean_reward"])),
+        for r in summary:  # each end point's path along training: SFT, its checkpoints, the end
+            if r["method"].startswith(family) and r["method"] in paths:
+                axes.plot(*zip((sft["kl"], sft["mean_reward"]), *paths[r["method"]], (r["kl"], r["mean_reward"])),
                           color=markers[0].get_color(), alpha=0.5, linewidth=1)
     axes.set_xlabel("KL(policy || SFT), nats per completion")
     axes.set_ylabel("mean ground-truth reward (VADER)")
